@@ -1,0 +1,234 @@
+"""The run config: typed sections read from YAML, with dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo fails at start-up with the key and the file named,
+not an hour into a run. ``None`` in a recipe field means "the variant's or the paper's default",
+resolved where the default lives (the variant table in ``pipeline.models``, the recipe in
+``pipeline.optim``), so no default is written twice.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EXIT_BAD_INPUT = 2  # design.md: exit code 2 for bad input (config, arguments, URL)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the file."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """Which network to build."""
+
+    name: str = Field(
+        "nfnet_f0", description="registered model name (python -m pipeline.models list)"
+    )
+    num_classes: int | None = Field(None, gt=0, description="None: the dataset's class count")
+    drop_rate: float | None = Field(None, ge=0, lt=1, description="None: the variant's dropout")
+    stochdepth_rate: float | None = Field(None, ge=0, lt=1, description="None: variant default")
+    padding: Literal["same", "symmetric"] | None = Field(
+        None, description="same: TensorFlow SAME (exact to the paper); symmetric: faster"
+    )
+    numerics: Literal["official", "timm"] = "official"
+
+
+class DataSection(Section):
+    """Where the shards are and how they are read and augmented."""
+
+    train_url: str = Field("file://data/shapes", description="fsspec URL of the training shards")
+    val_url: str | None = Field(None, description="None: the validation split next to train_url")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
+    train_resolution: int | None = Field(None, gt=0, description="None: the variant's")
+    test_resolution: int | None = Field(None, gt=0, description="None: the variant's")
+    randaugment_layers: int | None = Field(None, ge=0)
+    randaugment_magnitude: int | None = Field(None, ge=0, le=30)
+    mixup_alpha: float = Field(0.2, ge=0, description="DM experiment_nfnets.py: Beta(0.2, 0.2)")
+    cutmix: bool = Field(True, description="DM: CutMix on the other half of each batch")
+    shuffle_buffer: int = Field(1000, ge=0)
+    loader_workers: int = Field(2, ge=0)
+    train_samples: int | None = Field(None, gt=0, description="epoch size; None: from _info.json")
+    allow_pipe: bool = Field(False, description="allow pipe: URLs (runs a shell command)")
+
+
+class OptimSection(Section):
+    """SGD with AGC and the paper's schedule."""
+
+    lr: float | None = Field(None, gt=0, description="peak lr; None: lr_per_256 * batch / 256")
+    lr_per_256: float = Field(0.1, gt=0, description="DM experiment_nfnets.py: 0.1 * B / 256")
+    momentum: float = Field(0.9, ge=0, lt=1, description="DM: Nesterov momentum 0.9")
+    nesterov: bool = True
+    weight_decay: float = Field(2e-5, ge=0, description="DM experiment_nfnets.py: 2e-5")
+    clipping: float | None = Field(None, gt=0, description="AGC lambda; None: by global batch")
+    use_agc: bool = Field(True, description="false: plain Nesterov SGD (for ablations)")
+    agc_eps: float = Field(1e-3, gt=0, description="DM optim.py: eps 1e-3")
+    warmup_epochs: float = Field(5.0, ge=0, description="DM experiment.py: 5 warm-up epochs")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="DM experiment_nfnets.py: 0.1")
+    ema_decay: float = Field(0.99999, gt=0, lt=1, description="DM experiment_nfnets.py")
+
+
+class TrainSection(Section):
+    """Batch, length and numerics of the run."""
+
+    global_batch: int = Field(4096, gt=0, description="DM experiment_nfnets.py: 4096")
+    micro_batch: int = Field(32, gt=0, description="per worker per forward/backward")
+    epochs: float = Field(360, gt=0, description="DM experiment_nfnets.py: 360 epochs")
+    steps: int | None = Field(None, gt=0, description="None: epochs * train_samples / batch")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    zero_stage: Literal[0, 1, 2] = 0
+    channels_last: bool | None = Field(None, description="None: on GPU only")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(1000, gt=0)
+    eval_batches: int | None = Field(None, gt=0, description="None: the whole validation split")
+
+
+class CheckpointSection(Section):
+    """Where and how often checkpoints are written."""
+
+    storage_url: str = Field("file://runs", description="Ray Train storage: file:// or s3://")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    every_steps: int = Field(1000, gt=0)
+    keep: int = Field(3, gt=0, description="checkpoints kept by Ray Train")
+
+
+class TrackingSection(Section):
+    """MLflow."""
+
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    experiment: str = "nfnet-pretrain"
+    run_name: str | None = None
+    registered_model: str | None = Field(None, description="None: no model registration")
+
+
+class ScalingSection(Section):
+    """Ray cluster and workers."""
+
+    ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local cluster")
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+
+
+class RunConfig(Section):
+    """A whole run: one section per component."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> RunConfig:
+        per_step = self.train.micro_batch * self.scaling.num_workers
+        if self.train.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} is not divisible by "
+                f"train.micro_batch × scaling.num_workers = {self.train.micro_batch} × "
+                f"{self.scaling.num_workers} = {per_step}; choose a micro-batch or worker count "
+                "that divides it"
+            )
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per worker per optimizer step: global = micro × accumulation × workers."""
+        return self.train.global_batch // (self.train.micro_batch * self.scaling.num_workers)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"section.key": value}``, the form MLflow params take."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and prefix.count(".") < 1:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.4"`` -> (["optim", "lr"], 0.4); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` in a nested dict (a copy of the sections is made as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (``None``: all defaults), apply overrides, validate every key."""
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config_or_exit(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """``load_config`` for entry points: a bad config prints its message and exits 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"error: bad config: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The fully resolved config as YAML (logged as an MLflow artifact)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
