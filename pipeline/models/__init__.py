@@ -1,0 +1,24 @@
+"""NFNet model family: registry, layers, weight conversion and diagnostics."""
+
+from pipeline.models.convert import (
+    load_haiku_weights,
+    load_safetensors,
+    load_timm_weights,
+    save_safetensors,
+)
+from pipeline.models.nfnet import NFBlock, NFNet
+from pipeline.models.registry import create_model, list_models
+from pipeline.models.variants import Variant, get_variant
+
+__all__ = [
+    "NFBlock",
+    "NFNet",
+    "Variant",
+    "create_model",
+    "get_variant",
+    "list_models",
+    "load_haiku_weights",
+    "load_safetensors",
+    "load_timm_weights",
+    "save_safetensors",
+]
