@@ -1,0 +1,152 @@
+"""The Ray Train launch shared by pretraining and finetuning.
+
+The driver connects to Ray (``RAY_ADDRESS``, as under ``ray job submit``, or a local cluster on
+127.0.0.1), creates or re-opens the run's MLflow run, and runs a ``TorchTrainer`` whose workers
+each run a :class:`pipeline.train.trainer.Trainer`. The MLflow run id is stored next to the Ray
+Train checkpoints, so the same command run again after the driver died resumes the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import RunConfig, to_yaml
+from pipeline.data.storage import atomic_write_bytes, read_bytes, url_exists
+from pipeline.train.plan import Plan
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What a finished launch produced."""
+
+    run_id: str
+    run_name: str
+    checkpoint_url: str | None
+    metrics: dict[str, Any]
+
+
+def default_run_name(config: RunConfig, kind: str) -> str:
+    """``tracking.run_name``, or the model and a hash of the config: same command, same run."""
+    if config.tracking.run_name:
+        return config.tracking.run_name
+    digest = hashlib.sha1(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    return f"{kind}-{config.model.name}-{digest.hexdigest()[:8]}"
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address``/``RAY_ADDRESS``, or start a local one on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+        )
+
+
+def storage_target(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
+    """Ray Train's ``storage_path`` and ``storage_filesystem`` for a file:// or s3:// URL."""
+    if url.startswith("file://") or "://" not in url:
+        return os.path.abspath(url.removeprefix("file://")), None
+    if storage_options:
+        # A custom endpoint or credentials: hand Ray the fsspec filesystem through pyarrow.
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        protocol, _, path = url.partition("://")
+        filesystem = fsspec.filesystem(protocol, **storage_options)
+        return path, PyFileSystem(FSSpecHandler(filesystem))
+    return url, None
+
+
+def run_url(config: RunConfig, run_name: str) -> str:
+    """The URL of this run's folder in checkpoint storage."""
+    return f"{config.checkpoint.storage_url.rstrip('/')}/{run_name}"
+
+
+def open_mlflow_run(config: RunConfig, plan: Plan, run_name: str, tags: dict[str, str]) -> str:
+    """Re-open the run recorded in storage for ``run_name`` or create a new one."""
+    from pipeline.tracking import create_run
+
+    marker = f"{run_url(config, run_name)}/{RUN_ID_FILE}"
+    options = config.checkpoint.storage_options
+    if url_exists(marker, options):
+        return read_bytes(marker, options).decode().strip()
+    params = config.flat() | {f"plan.{key}": value for key, value in plan.as_dict().items()}
+    run_id = create_run(
+        config.tracking.uri,
+        config.tracking.experiment,
+        run_name,
+        params,
+        to_yaml(config),
+        tags=tags,
+    )
+    atomic_write_bytes(marker, run_id.encode(), options)
+    return run_id
+
+
+def launch(
+    config: RunConfig,
+    plan: Plan,
+    *,
+    kind: str,
+    tags: dict[str, str] | None = None,
+    init: dict[str, Any] | None = None,
+) -> LaunchResult:
+    """Train ``plan`` on the Ray cluster; return the MLflow run id and the final metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.tracking import TAG_KIND, end_run
+    from pipeline.train.trainer import train_loop_per_worker
+
+    run_name = default_run_name(config, kind)
+    run_id = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
+    connect_ray(config.scaling.ray_address)
+    storage_path, filesystem = storage_target(
+        config.checkpoint.storage_url, config.checkpoint.storage_options
+    )
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": plan.as_dict(),
+            "run_id": run_id,
+            "init": init,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        end_run(config.tracking.uri, run_id, status="FAILED")
+        raise
+    end_run(config.tracking.uri, run_id, status="FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return LaunchResult(run_id, run_name, checkpoint, dict(result.metrics or {}))

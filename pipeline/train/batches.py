@@ -1,0 +1,170 @@
+"""Where a worker's micro-batches come from: the shard stream, or in-memory synthetic tensors.
+
+Both sources hand out, for optimizer step ``s``, the worker's ``accumulation_steps``
+micro-batches, and can start at any step (resume without repeated or skipped samples).
+
+``synthetic://`` is a deterministic in-memory dataset without decoding: micro-batch ``m`` of
+global step ``s`` holds samples ``[(s·G + m·b) mod N, …)``, where the global micro-batch index
+``m = a·W + r`` (accumulation slot ``a``, worker ``r`` of ``W``). One worker accumulating two
+micro-batches therefore sees exactly the samples two workers see in one — which is what the
+data-parallel exactness test and the scaling benchmark need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlparse
+
+import torch
+
+from pipeline.data import make_eval_loader, make_train_loader, read_info
+from pipeline.train.plan import Plan
+
+SYNTHETIC = "synthetic://"
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """What the trainer needs to know of a dataset before it starts."""
+
+    num_classes: int
+    train_samples: int
+    val_samples: int
+
+
+def _synthetic_params(url: str) -> dict[str, int]:
+    query = parse_qs(urlparse(url).query)
+    params = {"samples": 512, "classes": 10, "resolution": 32, "seed": 0}
+    for key, values in query.items():
+        if key not in params:
+            raise ValueError(f"data url {url}: unknown synthetic parameter {key!r}")
+        params[key] = int(values[-1])
+    return params
+
+
+def describe_dataset(url: str, storage_options: dict | None = None) -> DatasetShape:
+    """Class count and split sizes, from ``_info.json`` (or the synthetic URL's parameters)."""
+    if url.startswith(SYNTHETIC):
+        params = _synthetic_params(url)
+        return DatasetShape(params["classes"], params["samples"], params["samples"] // 4)
+    info = read_info(url, storage_options)
+    return DatasetShape(
+        info.num_classes, info.splits["train"].num_samples, info.splits["validation"].num_samples
+    )
+
+
+class SyntheticBatches:
+    """Deterministic tensors: class-dependent means plus noise, indexed by global sample."""
+
+    def __init__(self, url: str, plan: Plan, rank: int):
+        params = _synthetic_params(url)
+        self.plan, self.rank = plan, rank
+        generator = torch.Generator().manual_seed(params["seed"])
+        size = params["resolution"]
+        count, classes = params["samples"], params["classes"]
+        self.labels = torch.randint(0, classes, (count,), generator=generator)
+        prototypes = torch.randn(classes, 3, size, size, generator=generator)
+        noise = torch.randn(count, 3, size, size, generator=generator)
+        self.images = prototypes[self.labels] * 0.5 + noise
+        self.skipped = 0
+
+    def _slice(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = (torch.arange(length) + start) % len(self.labels)
+        return self.images[index], self.labels[index]
+
+    def steps(self, start_step: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Yield, per optimizer step, this worker's list of micro-batches."""
+        plan = self.plan
+        step = start_step
+        while True:
+            micro = []
+            for slot in range(plan.accumulation_steps):
+                global_micro = slot * plan.num_workers + self.rank
+                start = step * plan.global_batch + global_micro * plan.micro_batch
+                micro.append(self._slice(start, plan.micro_batch))
+            yield micro
+            step += 1
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation split: the first quarter of the samples, sharded over workers."""
+        val = self.plan.val_samples
+        step = self.plan.num_workers * self.plan.micro_batch
+        per_rank = range(self.rank * self.plan.micro_batch, val, step)
+        for start in per_rank:
+            yield self._slice(start, min(self.plan.micro_batch, val - start))
+
+
+class ShardBatches:
+    """The webdataset shard stream of ``pipeline.data``, cut into per-step micro-batch lists."""
+
+    def __init__(
+        self,
+        url: str,
+        val_url: str | None,
+        plan: Plan,
+        rank: int,
+        *,
+        seed: int,
+        loader_workers: int,
+        shuffle_buffer: int,
+        storage_options: dict,
+        allow_pipe: bool,
+        pin_memory: bool,
+    ):
+        self.url, self.val_url, self.plan, self.rank = url, val_url, plan, rank
+        self.seed, self.loader_workers = seed, loader_workers
+        self.shuffle_buffer, self.storage_options = shuffle_buffer, storage_options
+        self.allow_pipe, self.pin_memory = allow_pipe, pin_memory
+        self._loader = None
+
+    @property
+    def skipped(self) -> int:
+        """Samples the reader skipped so far (corrupt, unlabelled, truncated)."""
+        return self._loader.skipped() if self._loader is not None else 0
+
+    def _epoch_loader(self, epoch: int, start_batch: int):
+        plan = self.plan
+        self._loader = make_train_loader(
+            self.url,
+            batch_size=plan.micro_batch,
+            batches_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
+            rank=self.rank,
+            world_size=plan.num_workers,
+            epoch=epoch,
+            seed=self.seed,
+            num_workers=self.loader_workers,
+            resolution=plan.train_resolution,
+            randaugment_layers=plan.randaugment_layers,
+            randaugment_magnitude=plan.randaugment_magnitude,
+            shuffle_buffer=self.shuffle_buffer,
+            start_batch=start_batch,
+            storage_options=self.storage_options,
+            pin_memory=self.pin_memory,
+            allow_pipe=self.allow_pipe,
+        )
+        return self._loader
+
+    def steps(self, start_step: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Yield, per optimizer step, this worker's list of micro-batches, epoch after epoch."""
+        plan = self.plan
+        epoch, step_in_epoch = divmod(start_step, plan.steps_per_epoch)
+        while True:
+            loader = iter(self._epoch_loader(epoch, step_in_epoch * plan.accumulation_steps))
+            for _ in range(step_in_epoch, plan.steps_per_epoch):
+                yield [next(loader) for _ in range(plan.accumulation_steps)]
+            epoch, step_in_epoch = epoch + 1, 0
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every validation sample exactly once across all workers."""
+        return iter(
+            make_eval_loader(
+                self.val_url or self.url,
+                batch_size=self.plan.micro_batch,
+                rank=self.rank,
+                world_size=self.plan.num_workers,
+                num_workers=self.loader_workers,
+                resolution=self.plan.test_resolution,
+                storage_options=self.storage_options,
+            )
+        )

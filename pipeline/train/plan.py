@@ -1,0 +1,127 @@
+"""The training plan: every figure a run follows, resolved once from the config.
+
+The config leaves recipe fields at ``None`` to mean "the default"; this module is where each
+``None`` meets its one source of truth (the variant table, the optimizer recipe, the dataset's
+``_info.json``) and where the scaling arithmetic (global = micro × accumulation × workers) is
+done. The driver prints it for ``--dry-run`` and hands it to every worker.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.models import get_variant, list_models
+from pipeline.optim import base_learning_rate, default_clipping
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Resolved figures of a run (all plain values, so it travels to Ray workers as is)."""
+
+    model: str
+    num_classes: int
+    drop_rate: float
+    stochdepth_rate: float
+    padding: str
+    train_resolution: int
+    test_resolution: int
+    randaugment_layers: int
+    randaugment_magnitude: int
+    global_batch: int
+    micro_batch: int
+    accumulation_steps: int
+    num_workers: int
+    peak_lr: float
+    clipping: float | None
+    train_samples: int
+    val_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    precision: str
+    channels_last: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as a plain dict (for printing and logging)."""
+        return asdict(self)
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_samples: int) -> Plan:
+    """Resolve the config against the variant table, the recipe and the dataset's size."""
+    if config.model.name not in list_models():
+        raise ConfigError(
+            f"model.name: unknown model {config.model.name!r}; choose one of {list_models()}"
+        )
+    variant = get_variant(config.model.name)
+    train, optim, scaling = config.train, config.optim, config.scaling
+    train_samples = _pick(config.data.train_samples, train_samples)
+    if train_samples <= 0:
+        raise ConfigError(f"data.train_url: {config.data.train_url} holds no training samples")
+    steps_per_epoch = max(1, train_samples // train.global_batch)
+    total_steps = train.steps or max(
+        1, math.ceil(train.epochs * train_samples / train.global_batch)
+    )
+    clipping = None
+    if optim.use_agc:
+        clipping = _pick(optim.clipping, default_clipping(train.global_batch))
+    gpu = scaling.use_gpu
+    precision = train.precision if train.precision != "auto" else ("bf16" if gpu else "fp32")
+    return Plan(
+        model=config.model.name,
+        num_classes=_pick(config.model.num_classes, num_classes),
+        drop_rate=_pick(config.model.drop_rate, variant.drop_rate),
+        stochdepth_rate=_pick(config.model.stochdepth_rate, variant.stochdepth_rate),
+        padding=_pick(config.model.padding, variant.padding),
+        train_resolution=_pick(config.data.train_resolution, variant.train_resolution),
+        test_resolution=_pick(config.data.test_resolution, variant.test_resolution),
+        randaugment_layers=_pick(config.data.randaugment_layers, variant.randaugment_layers),
+        randaugment_magnitude=_pick(
+            config.data.randaugment_magnitude, variant.randaugment_magnitude
+        ),
+        global_batch=train.global_batch,
+        micro_batch=train.micro_batch,
+        accumulation_steps=config.accumulation_steps,
+        num_workers=scaling.num_workers,
+        peak_lr=_pick(optim.lr, base_learning_rate(train.global_batch, optim.lr_per_256)),
+        clipping=clipping,
+        train_samples=train_samples,
+        val_samples=val_samples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=round(optim.warmup_epochs * train_samples / train.global_batch),
+        precision=precision,
+        channels_last=_pick(train.channels_last, gpu),
+    )
+
+
+def deepspeed_config(config: RunConfig, plan: Plan) -> dict[str, Any]:
+    """The DeepSpeed config generated from the run config.
+
+    AGC is the only clip: DeepSpeed's ``gradient_clipping`` defaults to 1.0 and would clip the
+    global norm on top of AGC, so it is set to 0. Mixed precision is torch autocast in the
+    trainer (fp32 master weights and fp32 gradients, as AGC needs), so DeepSpeed's own
+    fp16/bf16 engines stay off.
+    """
+    if config.train.zero_stage != 0 and plan.clipping is not None:
+        raise ConfigError(
+            f"train.zero_stage={config.train.zero_stage}: ZeRO stages 1 and 2 hand the optimizer "
+            "flat gradient partitions, and AGC needs each parameter's whole, averaged gradient "
+            "(the paper clips the global batch's gradient per unit). Use train.zero_stage=0, or "
+            "turn AGC off with optim.use_agc=false."
+        )
+    return {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": config.train.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
