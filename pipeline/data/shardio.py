@@ -1,0 +1,130 @@
+"""Reading webdataset tar shards from any fsspec URL, with skip counters shared by loader workers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import tarfile
+import time
+from collections.abc import Iterator
+
+import fsspec
+from webdataset.gopen import gopen as wds_open
+from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.data.storage import StorageError, _is_transient, open_url
+
+SKIP_REASONS = (
+    "corrupt_image",  # image bytes that do not decode (skipped sample)
+    "missing_image",  # a sample without a jpg/jpeg/png/webp member (skipped sample)
+    "missing_label",  # no .cls member, or not an integer in [0, num_classes) (skipped sample)
+    "truncated_shard",  # a tar that ends mid-member: the sample being read is dropped
+    "low_resolution_decode",  # full decode failed after the check passed: the check's 1/8 image
+)
+OPEN_ATTEMPTS = 5
+OPEN_BACKOFF = 0.5  # seconds, doubled after each failed attempt
+
+
+class SkipCounter:
+    """Per-reason counts in shared memory: DataLoader workers add, the main process reads."""
+
+    def __init__(self) -> None:
+        self._counts = multiprocessing.Array("q", len(SKIP_REASONS))
+
+    def add(self, reason: str, count: int = 1) -> None:
+        """Add ``count`` to ``reason``."""
+        index = SKIP_REASONS.index(reason)
+        with self._counts.get_lock():
+            self._counts[index] += count
+
+    def by_reason(self) -> dict[str, int]:
+        """The counts so far, per reason."""
+        with self._counts.get_lock():
+            return dict(zip(SKIP_REASONS, self._counts[:], strict=True))
+
+    def skipped_samples(self) -> int:
+        """Samples skipped so far (corrupt image, missing image or label, cut by truncation)."""
+        counts = self.by_reason()
+        return sum(counts[r] for r in SKIP_REASONS if r != "low_resolution_decode")
+
+
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> object:
+    """webdataset opener backed by fsspec (webdataset itself has no s3:// or memory:// handler)."""
+    return open_url(url, mode, kw.get("storage_options"))
+
+
+def register_fsspec_opener() -> None:
+    """Route every fsspec protocol webdataset's gopen sees through ``open_url``."""
+    for protocol in fsspec.available_protocols():
+        if protocol not in ("file", "local", "pipe"):
+            gopen_schemes[protocol] = _fsspec_gopen
+
+
+register_fsspec_opener()
+
+
+def open_shard(url: str, storage_options: dict | None, allow_pipe: bool) -> object:
+    """Open a shard through webdataset's gopen; StorageError naming the URL if it can't be."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise StorageError(url, "pipe: URLs run shell commands; pass allow_pipe=True to permit")
+        return wds_open(url, "rb")
+    if "://" not in url or url.startswith("file://"):
+        try:
+            return wds_open(url, "rb")
+        except OSError as exc:
+            raise StorageError(url, "does not exist" if isinstance(exc, FileNotFoundError) else str(exc)) from exc
+    return wds_open(url, "rb", storage_options=storage_options)
+
+
+def _members(stream: object) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar stream, in order."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for member in tar:
+        if member.isreg():
+            yield member.name, tar.extractfile(member).read()
+        tar.members = []  # stream mode: don't keep every header in memory
+
+
+def iter_shard(
+    url: str,
+    counter: SkipCounter,
+    storage_options: dict | None = None,
+    allow_pipe: bool = False,
+) -> Iterator[dict]:
+    """Samples of one shard: ``{"__key__": key, ext: bytes, ...}`` grouped by key, in tar order.
+
+    A transient storage error mid-shard reopens the shard (with backoff) and skips the members
+    already read; a truncated tar ends the shard, drops the sample being read and is counted.
+    """
+    consumed, attempt = 0, 0
+    current: dict | None = None
+    while True:
+        stream = open_shard(url, storage_options, allow_pipe)
+        try:
+            for position, (name, data) in enumerate(_members(stream)):
+                if position < consumed:
+                    continue
+                consumed += 1
+                key, ext = base_plus_ext(name)
+                if key is None:
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[ext.lower()] = data
+            if current is not None:
+                yield current
+            return
+        except (tarfile.ReadError, EOFError):
+            counter.add("truncated_shard")
+            return
+        except Exception as exc:
+            attempt += 1
+            if not _is_transient(exc) or attempt >= OPEN_ATTEMPTS:
+                raise StorageError(url, f"reading failed after {attempt} attempt(s): {exc}") from exc
+            time.sleep(OPEN_BACKOFF * 2 ** (attempt - 1))
+        finally:
+            stream.close()

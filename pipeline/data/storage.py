@@ -1,0 +1,218 @@
+"""The project's one place for fsspec I/O: opening, listing, atomic writes and retries.
+
+Every URL fsspec understands works (``file://``, ``s3://``, ``gs://``, ``memory://``, ...), and so
+does a plain local path. Credentials and endpoints come from the standard environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...) or from ``storage_options``, which are passed to
+the fsspec filesystem unchanged (for s3fs e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+
+# Object stores make an object visible only when its upload completes (a single PUT, or the final
+# CompleteMultipartUpload), so writing straight to the final key is already atomic there.
+_ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss"}
+
+# Error codes object stores answer when they are overloaded or briefly failing (S3/GCS docs).
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestLimitExceeded",
+}
+_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN}
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message names the URL."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving ``url`` and the path inside it."""
+    if url.startswith("pipe:"):
+        raise StorageError(url, "pipe: URLs are not storage URLs (see allow_pipe in the reader)")
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(url, f"no filesystem for this URL ({exc})") from exc
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is a plain path or a ``file://`` URL."""
+    return "://" not in url or url.startswith("file://")
+
+
+def join_url(base: str, name: str) -> str:
+    """``base`` + ``/`` + ``name`` for URLs and plain paths alike."""
+    return base.rstrip("/") + "/" + name.lstrip("/")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) looks like a passing storage failure."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+            return False
+        if isinstance(exc, ConnectionError | TimeoutError | socket.timeout):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        name = type(exc).__name__
+        if name in {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}:
+            return True
+        if name in {"ServerDisconnectedError", "ClientConnectionError", "ClientPayloadError"}:
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+            if code in _TRANSIENT_CODES or int(status) >= 500 or code.startswith("5"):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    backoff: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn()``; on a transient storage error wait ``backoff * 2**k`` s and try again."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts - 1 or not _is_transient(exc):
+                raise
+            sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist"
+    if isinstance(exc, PermissionError):
+        return f"access refused ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _call(url: str, fn: Callable[[], T], attempts: int = 5) -> T:
+    """Run ``fn`` with retries; turn whatever still fails into a StorageError naming ``url``."""
+    try:
+        return retry(fn, attempts=attempts)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(url, _describe(exc)) from exc
+
+
+def open_url(url: str, mode: str = "rb", storage_options: dict | None = None) -> IO[Any]:
+    """Open ``url`` as a file object (prefer ``atomic_write_bytes`` for writing)."""
+    fs, path = filesystem(url, storage_options)
+    if "r" in mode:
+        # A missing object should fail here, not on the first read deep inside a consumer.
+        return _call(url, lambda: fs.open(path, mode))
+    if "w" in mode and isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        _call(url, lambda: os.makedirs(parent, exist_ok=True))
+    return _call(url, lambda: fs.open(path, mode))
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The whole content of ``url``."""
+    fs, path = filesystem(url, storage_options)
+    return _call(url, lambda: fs.cat_file(path))
+
+
+def url_exists(url: str, storage_options: dict | None = None) -> bool:
+    """Whether an object or directory exists at ``url``."""
+    fs, path = filesystem(url, storage_options)
+    return _call(url, lambda: fs.exists(path))
+
+
+def url_size(url: str, storage_options: dict | None = None) -> int:
+    """Size of the object at ``url`` in bytes."""
+    fs, path = filesystem(url, storage_options)
+    return int(_call(url, lambda: fs.size(path)))
+
+
+def list_urls(prefix: str, storage_options: dict | None = None) -> list[str]:
+    """Sorted URLs of the entries directly under the directory ``prefix`` ([] when it is absent)."""
+    fs, path = filesystem(prefix, storage_options)
+
+    def listing() -> list[str]:
+        try:
+            return fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+
+    names = sorted(os.path.basename(entry.rstrip("/")) for entry in _call(prefix, listing))
+    return [join_url(prefix, name) for name in names]
+
+
+def remove_url(url: str, storage_options: dict | None = None) -> None:
+    """Delete the object at ``url`` (no error when it is already gone)."""
+    fs, path = filesystem(url, storage_options)
+
+    def remove() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    _call(url, remove)
+
+
+def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``url`` so that readers see the old state or all of it, never a part."""
+    fs, path = filesystem(url, storage_options)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _ATOMIC_PUT_PROTOCOLS:
+        _call(url, lambda: fs.pipe_file(path, data))
+        return
+    parent, name = os.path.split(path.rstrip("/"))
+    # A hidden temporary name in the same directory: the rename is atomic on POSIX, and a killed
+    # write leaves only a dot-file that no reader lists as a shard.
+    temporary = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if isinstance(fs, LocalFileSystem):
+        _call(url, lambda: os.makedirs(parent, exist_ok=True))
+    try:
+        _call(url, lambda: fs.pipe_file(temporary, data))
+        _call(url, lambda: fs.mv(temporary, path))
+    except BaseException:
+        try:
+            fs.rm_file(temporary)
+        except Exception:  # noqa: BLE001 - best-effort cleanup after the real error
+            pass
+        raise
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is a leftover temporary file of ``atomic_write_bytes``."""
+    return name.startswith(".") and ".tmp-" in name

@@ -1,0 +1,108 @@
+"""The paper's preprocessing with torchvision v2: Inception crop + flip + RandAugment, squash eval.
+
+The loaders keep images uint8 until a whole batch is assembled and normalise the batch in one
+vectorised step (``normalize_batch``); ``normalize=True`` gives the per-image float output for
+standalone use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import v2
+
+# DM dataset.py: MEAN_RGB = (0.485*255, 0.456*255, 0.406*255), STDDEV_RGB = (0.229*255, ...).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# DM dataset.py (Inception crop): area_range=(0.08, 1.0), aspect_ratio_range=(3/4, 4/3).
+CROP_AREA = (0.08, 1.0)
+CROP_ASPECT = (3 / 4, 4 / 3)
+# DM dataset.py resize_crop_32: squash-resize to (test + 32)^2, then centre-crop to test.
+EVAL_PADDING = 32
+# DM autoaugment.py: _MAX_LEVEL = 10.; an op's argument is level / _MAX_LEVEL * its maximum.
+MAX_LEVEL = 10
+BICUBIC = v2.InterpolationMode.BICUBIC
+
+# Factor ops map m to 1 +- m: keep m < 1 so that extrapolated levels (> 10) stay valid factors.
+_FACTOR_OPS = {"Brightness", "Color", "Contrast", "Sharpness"}
+
+
+def _level_space(level: float) -> dict:
+    """torchvision's RandAugment space with every op fixed at DM ``level`` (bins: [0, value])."""
+    space = {}
+    for name, (magnitudes_fn, signed) in v2.RandAugment._AUGMENTATION_SPACE.items():
+
+        def at_level(num_bins, height, width, _fn=magnitudes_fn, _name=name):
+            grid = _fn(MAX_LEVEL + 1, height, width)
+            if grid is None:
+                return None
+            if float(level).is_integer() and level <= MAX_LEVEL:
+                value = grid[int(level)]
+            else:
+                value = grid[0] + (grid[-1] - grid[0]) * (level / MAX_LEVEL)
+                if _name in _FACTOR_OPS:
+                    value = value.clamp(max=0.99)
+                elif _name == "Posterize":
+                    value = value.round().clamp(min=1)
+                elif _name == "Solarize":
+                    value = value.clamp(min=0.0)
+            return torch.stack([grid[0], value.to(grid.dtype)])
+
+        space[name] = (at_level, signed)
+    return space
+
+
+class LevelRandAugment(v2.RandAugment):
+    """RandAugment whose magnitude is a DM level (0..10 scale; levels above 10 extrapolate).
+
+    For integer levels <= 10 it equals ``v2.RandAugment(num_ops, level, num_magnitude_bins=11)``.
+    """
+
+    def __init__(self, num_ops: int, level: float) -> None:
+        if level < 0:
+            raise ValueError(f"RandAugment magnitude must be >= 0, got {level}")
+        super().__init__(num_ops=num_ops, magnitude=1, num_magnitude_bins=2)
+        self.level = level
+        self._AUGMENTATION_SPACE = _level_space(level)
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 normalised with the ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inverse_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    return (images.to(torch.float32) - mean).mul_(inverse_std)
+
+
+def _finish(steps: list, normalize: bool) -> Callable:
+    if normalize:
+        steps += [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        ]
+    return v2.Compose(steps)
+
+
+def train_transform(
+    resolution: int, ra_layers: int, ra_magnitude: float, *, normalize: bool = True
+) -> Callable:
+    """uint8 (3, H, W) tensor -> augmented (3, R, R) image (float normalised, or uint8)."""
+    steps = [
+        # Crop, flip and the bicubic resize run on the tensor (faster than PIL here); the crop
+        # is cut before resizing, so only the crop's pixels are resampled.
+        v2.RandomResizedCrop(
+            resolution, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=BICUBIC, antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+    ]
+    if ra_layers > 0:
+        # PIL's geometric and colour ops are 3-10x faster than the tensor kernels on one image.
+        steps += [v2.ToPILImage(), LevelRandAugment(ra_layers, ra_magnitude), v2.PILToTensor()]
+    return _finish(steps, normalize)
+
+
+def eval_transform(resolution: int, *, normalize: bool = True) -> Callable:
+    """uint8 (3, H, W) tensor -> squash-resize to (R + 32)^2, centre crop to R."""
+    size = resolution + EVAL_PADDING
+    steps = [v2.Resize((size, size), interpolation=BICUBIC, antialias=True), v2.CenterCrop(resolution)]
+    return _finish(steps, normalize)
