@@ -1,0 +1,211 @@
+"""Adaptive Gradient Clipping (Brock et al. 2021, §4) and the SGD that applies it (DM optim.py).
+
+Every clip here is computed the same way, vectorised over all parameters: one per-unit norm per
+tensor (no host syncs), the norms of all tensors concatenated into one flat vector, the clip
+factors computed on that vector in a handful of ops, then split back into per-tensor views that
+multiply the gradients in place. Nothing in ``SGD_AGC.step`` reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+# DM optim.py SGD_AGC: eps=1e-3 floors the weight norm so zero-initialised units can still move.
+DEFAULT_EPS = 1e-3
+# DM optim.py / agc_optax.py: the gradient norm in the clip ratio is floored at 1e-6.
+GRAD_NORM_FLOOR = 1e-6
+# DM experiment_nfnets.py optimizer kwargs: weight_decay 2e-5, clipping 0.01, momentum 0.9.
+DEFAULT_WEIGHT_DECAY = 2e-5
+DEFAULT_CLIPPING = 0.01
+DEFAULT_MOMENTUM = 0.9
+
+
+def _is_vector(tensor: torch.Tensor) -> bool:
+    # DM optim.py unitwise_norm: anything that squeezes to <= 1 dim is normed as a whole.
+    return sum(size != 1 for size in tensor.shape) <= 1
+
+
+def _norm_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # bf16/fp16 tensors are normed in fp32; fp32 and fp64 keep their own precision.
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """L2 norm per output unit (dim 0) of a weight; the whole-tensor norm of scalars and vectors.
+
+    The result broadcasts against ``tensor``: shape ``(O, 1, ..., 1)`` for a weight, ``()`` for a
+    scalar or vector (gains, biases, skip gains).
+    """
+    dtype = _norm_dtype(tensor)
+    if _is_vector(tensor):
+        return torch.linalg.vector_norm(tensor, dtype=dtype)
+    dims = tuple(range(1, tensor.ndim))
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=dtype)
+
+
+def _units(tensor: torch.Tensor) -> int:
+    return 1 if _is_vector(tensor) else tensor.shape[0]
+
+
+def _flat_unit_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-unit norms of every tensor, concatenated into one flat vector (no host sync)."""
+    norms = []
+    for tensor in tensors:
+        dtype = _norm_dtype(tensor)
+        if _is_vector(tensor):
+            norms.append(torch.linalg.vector_norm(tensor, dtype=dtype).reshape(1))
+        else:
+            rows = tensor.reshape(tensor.shape[0], -1)
+            norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=dtype))
+    return torch.cat(norms)
+
+
+def _clip_in_place(
+    params: list[torch.Tensor], grads: list[torch.Tensor], clipping: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Clip ``grads`` in place; return (squared raw grad norm, clipped unit count, unit count)."""
+    param_norms = _flat_unit_norms(params)
+    grad_norms = _flat_unit_norms(grads)
+    # DM optim.py: max_norm = clipping * max(||W_i||, eps); G_i *= max_norm / max(||G_i||, 1e-6)
+    # only where ||G_i|| > max_norm.
+    max_norms = param_norms.clamp_min(eps).mul_(clipping)
+    clipped = grad_norms > max_norms
+    ratio = max_norms / grad_norms.clamp_min(GRAD_NORM_FLOOR)
+    scales = torch.where(clipped, ratio, torch.ones_like(ratio))
+    sizes = [_units(grad) for grad in grads]
+    for grad, scale in zip(grads, torch.split(scales, sizes), strict=True):
+        # A per-tensor in-place multiply by a per-row view: the foreach variant with broadcasting
+        # falls back to clone + copy on CPU, twice the memory traffic.
+        rows = grad.view(1, -1) if _is_vector(grad) else grad.view(grad.shape[0], -1)
+        rows.mul_(scale.to(grad.dtype).unsqueeze(1))
+    return grad_norms.square().sum(), clipped.sum(), len(scales)
+
+
+def _check_grads(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    with_grad = [p for p in params if p.grad is not None]
+    for param in with_grad:
+        if param.grad.is_sparse:
+            raise ValueError(f"AGC needs dense gradients; got a sparse one of shape {param.shape}")
+    return with_grad, [p.grad for p in with_grad]
+
+
+def _stats(sum_squares: torch.Tensor, clipped: torch.Tensor, units: int) -> dict[str, torch.Tensor]:
+    return {
+        "clip_fraction": clipped.to(sum_squares.dtype) / max(units, 1),
+        "grad_norm": sum_squares.sqrt(),
+    }
+
+
+@torch.no_grad()
+def adaptive_clip_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float, eps: float = DEFAULT_EPS
+) -> dict[str, torch.Tensor]:
+    """Clip each parameter's ``.grad`` unit-wise in place; return clip statistics as tensors.
+
+    The statistics are ``clip_fraction`` (units clipped / units) and ``grad_norm`` (global L2
+    norm of the raw gradients). Parameters without a gradient are skipped.
+    """
+    if clipping <= 0:
+        raise ValueError(f"adaptive_clip_: clipping must be > 0, got {clipping}")
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params, grads = _check_grads(parameters)
+    if not params:
+        zero = torch.zeros(())
+        return _stats(zero, zero, 0)
+    return _stats(*_clip_in_place(params, grads, clipping, eps))
+
+
+class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM optim.py use)
+    """SGD with Nesterov momentum and Adaptive Gradient Clipping, in DM optim.py's order.
+
+    Per group (keys ``clipping``, ``weight_decay``, ``lr``, ``momentum``, ``nesterov``, ``eps``):
+    clip the raw gradient unit-wise (``clipping=None``: no clip; ``.grad`` is clipped in place),
+    add ``weight_decay * W``, update the momentum buffer ``b = momentum * b + g``, step along
+    ``g + momentum * b`` (Nesterov) or ``b``. After each step ``last_stats`` holds
+    ``clip_fraction`` and ``grad_norm`` as tensors, without a host sync.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float,
+        momentum: float = DEFAULT_MOMENTUM,
+        nesterov: bool = True,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
+        clipping: float | None = DEFAULT_CLIPPING,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"SGD_AGC: lr must be >= 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SGD_AGC: momentum must be in [0, 1), got {momentum}")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            clipping=clipping,
+            eps=eps,
+        )
+        super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            clip, decay = group["clipping"], group["weight_decay"]
+            if clip is not None and clip <= 0:
+                raise ValueError(f"SGD_AGC: param group {index}: clipping must be > 0 or None")
+            if decay is not None and decay < 0:
+                raise ValueError(f"SGD_AGC: param group {index}: weight_decay must be >= 0")
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Clip, decay, and take one Nesterov momentum step for every parameter with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sum_squares, clipped, units = [], [], 0
+        for group in self.param_groups:
+            params, grads = _check_grads(group["params"])
+            if not params:
+                continue
+            if group["clipping"] is not None:
+                squares, count, n = _clip_in_place(params, grads, group["clipping"], group["eps"])
+                clipped.append(count)
+                units += n
+            else:
+                squares = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+            sum_squares.append(squares)
+            self._update(group, params, grads)
+        if sum_squares:
+            total = torch.stack(sum_squares).sum()
+            count = torch.stack(clipped).sum() if clipped else torch.zeros((), device=total.device)
+            self.last_stats = _stats(total, count, units)
+        return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Weight decay, momentum and the step, with foreach ops over the group."""
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"] or 0.0
+        # DM optim.py SGD: decay is added to the (already clipped) gradient; a new list, so the
+        # caller's .grad keeps only the clip.
+        direction = torch._foreach_add(grads, params, alpha=decay) if decay else grads
+        if momentum:
+            buffers = [self._buffer(p) for p in params]
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, direction)
+            if group["nesterov"] and direction is grads:
+                direction = torch._foreach_add(direction, buffers, alpha=momentum)
+            elif group["nesterov"]:
+                torch._foreach_add_(direction, buffers, alpha=momentum)
+            else:
+                direction = buffers
+        torch._foreach_add_(params, direction, alpha=-lr)
+
+    def _buffer(self, param: torch.Tensor) -> torch.Tensor:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            # DM optim.py: the momentum state starts at zero, so the first step moves by g.
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
