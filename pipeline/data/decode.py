@@ -1,4 +1,4 @@
-"""Image decoding: bytes -> RGB uint8 tensor, whatever the stored mode (L, RGBA, P, 16-bit, CMYK)."""
+"""Image decoding: bytes -> RGB uint8 tensor, whatever the stored mode (L, RGBA, P, 16-bit)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _open(data: bytes) -> Image.Image:
 
 
 def check_image(data: bytes) -> torch.Tensor:
-    """Decode ``data`` cheaply (JPEGs at 1/8 scale) to RGB uint8 (3, h, w); CorruptImage if it fails.
+    """Decode ``data`` cheaply (JPEGs at 1/8 scale) to RGB uint8 (3, h, w), or CorruptImage.
 
     libjpeg still walks every entropy-coded block at 1/8 scale, so truncation and broken
     headers are caught exactly as a full decode would catch them, at a fraction of the cost.

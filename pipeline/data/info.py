@@ -113,7 +113,7 @@ def parse_info(dataset_url: str, raw: bytes) -> DatasetInfo:
 def read_info(
     url: str, storage_options: dict | None = None, *, allow_pipe: bool = False
 ) -> DatasetInfo:
-    """Read the ``_info.json`` of the shard set at ``url``; StorageError naming the URL if absent."""
+    """Read the ``_info.json`` at ``url``; StorageError naming the URL if it is absent."""
     url = url.rstrip("/")
     if url.startswith("pipe:"):
         if not allow_pipe:
@@ -125,5 +125,7 @@ def read_info(
     try:
         raw = read_bytes(join_url(url, INFO_NAME), storage_options)
     except StorageError as exc:
-        raise StorageError(exc.url, f"{exc.reason} (no shard set here: missing {INFO_NAME})") from exc
+        raise StorageError(
+            exc.url, f"{exc.reason} (no shard set here: missing {INFO_NAME})"
+        ) from exc
     return parse_info(url, raw)

@@ -92,7 +92,9 @@ def _decode(data: bytes, counter: SkipCounter) -> torch.Tensor | None:
         return None
     try:
         if data[:3] == b"\xff\xd8\xff":
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
+            )
         return decode_rgb(data)
     except (RuntimeError, CorruptImage):
         # The check decoded it at 1/8 scale: use that rather than shift every later batch.
@@ -117,13 +119,32 @@ def _worker() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """The rank's training batches for one epoch (see the module docstring)."""
 
-    def __init__(self, shard_urls, num_classes, *, batch_size, batches_per_epoch, rank,
-                 world_size, epoch, seed, transform, shuffle_buffer, start_batch, counter,
-                 storage_options=None, allow_pipe=False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        shard_urls,
+        num_classes,
+        *,
+        batch_size,
+        batches_per_epoch,
+        rank,
+        world_size,
+        epoch,
+        seed,
+        transform,
+        shuffle_buffer,
+        start_batch,
+        counter,
+        storage_options=None,
+        allow_pipe=False,
+    ) -> None:
         self.shard_urls, self.num_classes = list(shard_urls), num_classes
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
-        self.transform, self.shuffle_buffer, self.start_batch = transform, shuffle_buffer, start_batch
+        self.transform, self.shuffle_buffer, self.start_batch = (
+            transform,
+            shuffle_buffer,
+            start_batch,
+        )
         self.counter, self.storage_options, self.allow_pipe = counter, storage_options, allow_pipe
 
     def _samples(self, stream: int, num_workers: int) -> Iterator[tuple[bytes, int]]:
@@ -178,8 +199,20 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every sample of the split once across ranks x workers: contiguous, balanced ranges."""
 
-    def __init__(self, shard_urls, shard_lengths, num_classes, *, batch_size, rank, world_size,
-                 transform, counter, storage_options=None, allow_pipe=False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        shard_urls,
+        shard_lengths,
+        num_classes,
+        *,
+        batch_size,
+        rank,
+        world_size,
+        transform,
+        counter,
+        storage_options=None,
+        allow_pipe=False,
+    ) -> None:
         self.shard_urls, self.shard_lengths = list(shard_urls), list(shard_lengths)
         self.num_classes, self.batch_size = num_classes, batch_size
         self.rank, self.world_size, self.transform = rank, world_size, transform
@@ -223,8 +256,14 @@ class EvalStream(IterableDataset):
 class ShardLoader:
     """An iterable of (images, labels) batches with the skip counts of its workers."""
 
-    def __init__(self, dataset: IterableDataset, counter: SkipCounter, num_workers: int,
-                 pin_memory: bool, num_batches: int | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        counter: SkipCounter,
+        num_workers: int,
+        pin_memory: bool,
+        num_batches: int | None,
+    ) -> None:
         self.dataset, self.counter, self.num_batches = dataset, counter, num_batches
         self._loader = DataLoader(
             dataset,
@@ -237,18 +276,20 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self._loader)
 
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("the eval loader's batch count depends on the data; iterate it")
-        return self.num_batches
-
     def skipped(self) -> int:
-        """Samples skipped so far by all workers (corrupt image, missing image/label, truncation)."""
+        """Samples skipped so far by all workers (corrupt image, missing image/label, cut)."""
         return self.counter.skipped_samples()
 
     def skipped_by_reason(self) -> dict[str, int]:
         """Skip counts so far per reason (see ``pipeline.data.shardio.SKIP_REASONS``)."""
         return self.counter.by_reason()
+
+
+class TrainLoader(ShardLoader):
+    """A ShardLoader whose length is known: exactly ``batches_per_epoch - start_batch``."""
+
+    def __len__(self) -> int:
+        return self.num_batches
 
 
 def _check_positive(**values: int) -> None:
@@ -276,27 +317,42 @@ def make_train_loader(
     pin_memory: bool = False,
     allow_pipe: bool = False,
     transform: Callable | None = None,
-) -> ShardLoader:
+) -> TrainLoader:
     """Exactly ``batches_per_epoch - start_batch`` training batches of this rank for ``epoch``."""
-    _check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch,
-                    world_size=world_size, resolution=resolution)  # fmt: skip
+    _check_positive(
+        batch_size=batch_size,
+        batches_per_epoch=batches_per_epoch,
+        world_size=world_size,
+        resolution=resolution,
+    )
     if not 0 <= rank < world_size or not 0 <= start_batch <= batches_per_epoch:
-        raise ValueError(f"need 0 <= rank < world_size and 0 <= start_batch <= batches_per_epoch "
-                         f"(got rank={rank}, world_size={world_size}, start_batch={start_batch})")  # fmt: skip
+        raise ValueError(
+            f"need 0 <= rank < world_size and 0 <= start_batch <= batches_per_epoch "
+            f"(got rank={rank}, world_size={world_size}, start_batch={start_batch})"
+        )
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     info = read_info(url, storage_options, allow_pipe=allow_pipe)
     split = info.split(TRAIN_SPLIT)
     counter = SkipCounter()
     dataset = TrainStream(
-        split.shard_urls, info.num_classes, batch_size=batch_size,
-        batches_per_epoch=batches_per_epoch, rank=rank, world_size=world_size, epoch=epoch,
-        seed=seed, shuffle_buffer=shuffle_buffer, start_batch=start_batch, counter=counter,
-        transform=transform or train_transform(
-            resolution, randaugment_layers, randaugment_magnitude, normalize=False),
-        storage_options=storage_options, allow_pipe=allow_pipe,
-    )  # fmt: skip
-    return ShardLoader(dataset, counter, num_workers, pin_memory, batches_per_epoch - start_batch)
+        split.shard_urls,
+        info.num_classes,
+        batch_size=batch_size,
+        batches_per_epoch=batches_per_epoch,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        start_batch=start_batch,
+        counter=counter,
+        transform=transform
+        or train_transform(resolution, randaugment_layers, randaugment_magnitude, normalize=False),
+        storage_options=storage_options,
+        allow_pipe=allow_pipe,
+    )
+    return TrainLoader(dataset, counter, num_workers, pin_memory, batches_per_epoch - start_batch)
 
 
 def make_eval_loader(
@@ -320,8 +376,15 @@ def make_eval_loader(
     chosen = info.split(split)
     counter = SkipCounter()
     dataset = EvalStream(
-        chosen.shard_urls, chosen.shard_lengths, info.num_classes, batch_size=batch_size,
-        rank=rank, world_size=world_size, transform=eval_transform(resolution, normalize=False),
-        counter=counter, storage_options=storage_options, allow_pipe=allow_pipe,
-    )  # fmt: skip
+        chosen.shard_urls,
+        chosen.shard_lengths,
+        info.num_classes,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        transform=eval_transform(resolution, normalize=False),
+        counter=counter,
+        storage_options=storage_options,
+        allow_pipe=allow_pipe,
+    )
     return ShardLoader(dataset, counter, num_workers, pin_memory, None)

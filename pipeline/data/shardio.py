@@ -1,4 +1,4 @@
-"""Reading webdataset tar shards from any fsspec URL, with skip counters shared by loader workers."""
+"""Reading webdataset tar shards from any fsspec URL; skip counters shared by loader workers."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ def open_shard(url: str, storage_options: dict | None, allow_pipe: bool) -> obje
         try:
             return wds_open(url, "rb")
         except OSError as exc:
-            raise StorageError(url, "does not exist" if isinstance(exc, FileNotFoundError) else str(exc)) from exc
+            raise StorageError(
+                url, "does not exist" if isinstance(exc, FileNotFoundError) else str(exc)
+            ) from exc
     return wds_open(url, "rb", storage_options=storage_options)
 
 
@@ -124,7 +126,9 @@ def iter_shard(
         except Exception as exc:
             attempt += 1
             if not _is_transient(exc) or attempt >= OPEN_ATTEMPTS:
-                raise StorageError(url, f"reading failed after {attempt} attempt(s): {exc}") from exc
+                raise StorageError(
+                    url, f"reading failed after {attempt} attempt(s): {exc}"
+                ) from exc
             time.sleep(OPEN_BACKOFF * 2 ** (attempt - 1))
         finally:
             stream.close()

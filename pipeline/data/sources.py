@@ -102,10 +102,12 @@ TEXTURES = ("solid", "stripes", "checker", "dots")
 def _polygon(sides: int, centre: tuple[float, float], radius: float, turn: float) -> list:
     cx, cy = centre
     return [
-        (cx + radius * math.cos(turn + 2 * math.pi * k / sides),
-         cy + radius * math.sin(turn + 2 * math.pi * k / sides))
+        (
+            cx + radius * math.cos(turn + 2 * math.pi * k / sides),
+            cy + radius * math.sin(turn + 2 * math.pi * k / sides),
+        )
         for k in range(sides)
-    ]  # fmt: skip
+    ]
 
 
 def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -138,8 +140,15 @@ def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     else:
         sides = {"square": 4, "triangle": 3, "diamond": 4, "pentagon": 5, "hexagon": 6}[kind]
         if kind == "diamond":
-            draw.polygon([(cx, cy - radius), (cx + radius * 0.6, cy), (cx, cy + radius),
-                          (cx - radius * 0.6, cy)], fill=255)  # fmt: skip
+            draw.polygon(
+                [
+                    (cx, cy - radius),
+                    (cx + radius * 0.6, cy),
+                    (cx, cy + radius),
+                    (cx - radius * 0.6, cy),
+                ],
+                fill=255,
+            )
         else:
             draw.polygon(_polygon(sides, (cx, cy), radius, turn), fill=255)
     return np.asarray(mask) > 127
@@ -257,7 +266,7 @@ class DigitsSource:
 
 
 def digits(resolution: int = 64, num_samples: int | None = None) -> DigitsSource:
-    """The 1797 bundled sklearn digit scans (no download), optionally only the first ``num_samples``."""
+    """The 1797 bundled sklearn digit scans (no download), or the first ``num_samples``."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -275,4 +284,6 @@ def from_name(
         return digits(resolution or 64, num_samples)
     if os.path.isdir(name[len("file://") :] if name.startswith("file://") else name):
         return imagefolder(name)
-    raise SourceError(f"unknown source {name!r}: expected 'shapes', 'digits' or an existing directory")
+    raise SourceError(
+        f"unknown source {name!r}: expected 'shapes', 'digits' or an existing directory"
+    )

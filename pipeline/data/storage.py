@@ -36,7 +36,13 @@ _TRANSIENT_CODES = {
     "ServiceUnavailable",
     "RequestLimitExceeded",
 }
-_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN}
+_TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
 
 
 class StorageError(Exception):
@@ -48,7 +54,9 @@ class StorageError(Exception):
         self.reason = reason
 
 
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving ``url`` and the path inside it."""
     if url.startswith("pipe:"):
         raise StorageError(url, "pipe: URLs are not storage URLs (see allow_pipe in the reader)")

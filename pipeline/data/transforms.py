@@ -104,5 +104,8 @@ def train_transform(
 def eval_transform(resolution: int, *, normalize: bool = True) -> Callable:
     """uint8 (3, H, W) tensor -> squash-resize to (R + 32)^2, centre crop to R."""
     size = resolution + EVAL_PADDING
-    steps = [v2.Resize((size, size), interpolation=BICUBIC, antialias=True), v2.CenterCrop(resolution)]
+    steps = [
+        v2.Resize((size, size), interpolation=BICUBIC, antialias=True),
+        v2.CenterCrop(resolution),
+    ]
     return _finish(steps, normalize)

@@ -115,8 +115,13 @@ def write_shards(
         present.add(name)
 
     splits = {}
-    bar = tqdm(total=len(source), unit="img", desc=f"write {dest_url}", disable=not progress,
-               file=sys.stderr)  # fmt: skip
+    bar = tqdm(
+        total=len(source),
+        unit="img",
+        desc=f"write {dest_url}",
+        disable=not progress,
+        file=sys.stderr,
+    )
     for split, indices in split_indices(len(source), num_val, seed).items():
         urls, lengths = [], []
         for shard, start in enumerate(range(0, len(indices), samples_per_shard)):
