@@ -31,11 +31,12 @@ class LaunchResult:
     metrics: dict[str, Any]
 
 
-def default_run_name(config: RunConfig, kind: str) -> str:
-    """``tracking.run_name``, or the model and a hash of the config: same command, same run."""
+def default_run_name(config: RunConfig, kind: str, origin: dict[str, Any] | None = None) -> str:
+    """``tracking.run_name``, or a hash of config and origin: same command, same run."""
     if config.tracking.run_name:
         return config.tracking.run_name
-    digest = hashlib.sha1(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    identity = {"config": config.model_dump(mode="json"), "origin": origin or {}}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode())
     return f"{kind}-{config.model.name}-{digest.hexdigest()[:8]}"
 
 
@@ -113,7 +114,7 @@ def launch(
     from pipeline.tracking import TAG_KIND, end_run
     from pipeline.train.trainer import train_loop_per_worker
 
-    run_name = default_run_name(config, kind)
+    run_name = default_run_name(config, kind, {"tags": tags, "init": init})
     run_id = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
     connect_ray(config.scaling.ray_address)
     storage_path, filesystem = storage_target(
@@ -127,6 +128,7 @@ def launch(
             "config": config.model_dump(mode="json"),
             "plan": plan.as_dict(),
             "run_id": run_id,
+            "run_url": run_url(config, run_name),
             "init": init,
         },
         scaling_config=ray.train.ScalingConfig(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
@@ -70,7 +71,31 @@ def load(directory: str, model, optimizer, ema) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load_weights(directory: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Just the weights of a checkpoint directory (for finetuning and export)."""
-    name = "ema.safetensors" if use_ema else "model.safetensors"
-    return load_file(Path(directory) / name)
+def fetch_weights(origin: dict[str, str], config) -> dict[str, torch.Tensor]:
+    """The weights ``origin`` names: a checkpoint folder URL or an MLflow artifact URI."""
+    if origin["kind"] == "mlflow":
+        import mlflow.artifacts
+
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=origin["url"], tracking_uri=config.tracking.uri
+        )
+        if Path(local).is_dir():
+            local = str(next(Path(local).rglob("*.safetensors")))
+        return load_file(local)
+    from pipeline.data.storage import read_bytes
+
+    url = f"{origin['url'].rstrip('/')}/model.safetensors"
+    return safetensors_load(read_bytes(url, config.checkpoint.storage_options))
+
+
+def load_backbone(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load every weight but the classifier (the task has its own head); names must match."""
+    head = ("head.fc.weight", "head.fc.bias")
+    backbone = {key: value for key, value in weights.items() if key not in head}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [key for key in missing if key not in head]
+    if missing or unexpected:
+        raise ValueError(
+            f"pretrained weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (is model.name the pretraining model?)"
+        )

@@ -70,9 +70,16 @@ class StepStats:
 class Trainer:
     """Pretrains (or finetunes) one model on one Ray Train worker."""
 
-    def __init__(self, config: RunConfig, plan: Plan, run_id: str | None, init_weights=None):
-        self.config, self.plan, self.run_id = config, plan, run_id
-        self.init_weights = init_weights
+    def __init__(
+        self,
+        config: RunConfig,
+        plan: Plan,
+        run_id: str | None,
+        run_url: str | None = None,
+        init: dict | None = None,
+    ):
+        self.config, self.plan, self.run_id, self.run_url = config, plan, run_id, run_url
+        self.init = init
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = torch.device("cpu")
         self.logger = None
@@ -121,8 +128,8 @@ class Trainer:
             padding=plan.padding,
             numerics=self.config.model.numerics,
         )
-        if self.init_weights is not None:
-            self.init_weights(model)
+        if self.init is not None:
+            ckpt.load_backbone(model, ckpt.fetch_weights(self.init, self.config))
         if self.config.scaling.use_gpu:
             self.device = torch.device("cuda", torch.cuda.current_device())
             model = model.to(self.device)
@@ -330,13 +337,13 @@ class Trainer:
         self.logger.flush()
         uri = self.config.tracking.uri
         artifact = "weights/model.safetensors"
-        log_safetensors_weights(uri, self.run_id, self.ema_or_raw_state(), artifact_path=artifact)
+        log_safetensors_weights(uri, self.run_id, self.final_state(), artifact_path=artifact)
         if self.config.tracking.registered_model:
             register_model(uri, self.run_id, artifact, self.config.tracking.registered_model)
         self.logger.close()
 
-    def ema_or_raw_state(self) -> dict[str, torch.Tensor]:
-        """The final raw weights (EMA weights stay in the checkpoint)."""
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """The final raw weights (the EMA weights stay in the checkpoint)."""
         return {key: value.detach().cpu() for key, value in self.model.state_dict().items()}
 
 
@@ -356,4 +363,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = RunConfig.model_validate(loop_config["config"])
     plan = Plan(**loop_config["plan"])
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    Trainer(config, plan, loop_config.get("run_id")).train()
+    Trainer(
+        config, plan, loop_config["run_id"], loop_config["run_url"], loop_config["init"]
+    ).train()
