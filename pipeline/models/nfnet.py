@@ -59,8 +59,10 @@ class NFBlock(nn.Module):
         if self.use_projection:
             self.conv_shortcut = conv(in_channels, out_channels, 1, scale=gamma * beta)
         self.se = SqueezeExcite(out_channels, variant.se_ratio)
-        # DM nfnet.py: SkipInit gain 'skip_gain', a scalar initialised to 0.
-        self.skip_gain = nn.Parameter(torch.zeros(()))
+        # DM nfnet.py: SkipInit gain 'skip_gain', a scalar initialised to 0. Stored with shape
+        # (1,), not (): DeepSpeed's start-up broadcast views every parameter as bytes, which
+        # fails for 0-dim tensors. Loaders reshape timm's and Haiku's () gains to it.
+        self.skip_gain = nn.Parameter(torch.zeros(1))
 
     def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The activated input (without gamma * beta) and the residual branch before the SE gate."""
