@@ -139,7 +139,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def read_haiku_file(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Read DeepMind's ``FN_haiku.npz`` (a dill/pickle of {module: {param: array}}) or a real npz."""
+    """Read DeepMind's ``FN_haiku.npz`` (a pickled {module: {param: array}}) or a real npz."""
     data = Path(path).read_bytes()
     if zipfile.is_zipfile(io.BytesIO(data)):
         tree: dict[str, dict[str, np.ndarray]] = {}
@@ -155,7 +155,7 @@ def read_haiku_file(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndar
 
 
 def load_haiku_weights(model: NFNet, tree_or_path: Mapping[str, Any] | str | os.PathLike) -> NFNet:
-    """Load DeepMind's released Haiku parameters (path or {module: {param: array}}) into ``model``."""
+    """Load DeepMind's Haiku parameters (a path or {module: {param: array}}) into ``model``."""
     tree = tree_or_path if isinstance(tree_or_path, Mapping) else read_haiku_file(tree_or_path)
     converted: dict[str, torch.Tensor] = {}
     for module, params in tree.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,34 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+class _OfficialStandardize(torch.autograd.Function):
+    """gain * (W - mean) * rsqrt(max(fan_in * var, 1e-4)) per output channel, with a hand-written
+    backward: autograd through var_mean made weight standardisation ~2x slower on CPU."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        rows = weight.reshape(weight.shape[0], -1)
+        centered = rows - rows.mean(dim=1, keepdim=True)
+        fan_in_var = torch.linalg.vector_norm(centered, dim=1).square_()  # = fan_in * var
+        inv_std = torch.rsqrt(torch.clamp_min(fan_in_var, OFFICIAL_WS_EPS))
+        # Where the clamp is active the scale does not depend on the weight.
+        ctx.save_for_backward(centered, inv_std, gain, fan_in_var >= OFFICIAL_WS_EPS)
+        return (centered * (gain * inv_std)[:, None]).view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        centered, inv_std, gain, unclamped = ctx.saved_tensors
+        grad = grad_out.reshape(centered.shape)
+        scale = gain * inv_std
+        dot = (grad * centered).sum(dim=1)
+        # d/dc of c * gain * (c.c)^-1/2: scale * grad - gain * inv_std^3 * (grad.c) * c; then the
+        # mean subtraction projects out the row mean (centered rows already have mean 0).
+        coef = torch.where(unclamped, -gain * inv_std.pow(3) * dot, torch.zeros_like(dot))
+        grad_weight = centered * coef[:, None]
+        grad_weight.sub_((scale * grad.mean(dim=1))[:, None]).addcmul_(grad, scale[:, None])
+        return grad_weight.view_as(grad_out), dot * inv_std
+
+
 class WSConv2d(nn.Module):
     """Conv2d with scaled weight standardisation, a per-channel gain and a bias.
 
@@ -98,21 +127,25 @@ class WSConv2d(nn.Module):
         self.padding, self.numerics, self.input_scale = padding, numerics, input_scale
         fan_in = in_channels // groups * kernel_size * kernel_size
         self.fan_in = fan_in
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size)
+        )
         self.gain = nn.Parameter(torch.ones(out_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         # DM base.py WSConv2D: VarianceScaling(1.0, 'fan_in', 'normal'), i.e. N(0, 1/fan_in).
         nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(fan_in))
 
     def standardized_weight(self) -> torch.Tensor:
-        """The weight actually convolved: gain * (W - mean) / sqrt(fan_in * var), times input_scale."""
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        """The convolved weight: gain * (W - mean) / sqrt(fan_in * var), times input_scale."""
+        gain = self.gain * self.input_scale
         if self.numerics == "official":
-            inv_std = torch.rsqrt(torch.clamp_min(var * self.fan_in, OFFICIAL_WS_EPS))
-        else:
-            inv_std = torch.rsqrt((var + TIMM_WS_EPS) * self.fan_in)
-        scale = inv_std * (self.gain * self.input_scale).view(-1, 1, 1, 1)
-        return (self.weight - mean) * scale
+            return _OfficialStandardize.apply(self.weight, gain)
+        # timm's form: (W - mean) / sqrt(var + eps) * gain / sqrt(fan_in); batch_norm over
+        # (1, O, fan_in) computes it in one fused kernel (forward and backward).
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        scale = gain * self.fan_in**-0.5
+        out = F.batch_norm(flat, None, None, scale, None, training=True, eps=TIMM_WS_EPS)
+        return out.reshape_as(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` with SAME (TensorFlow) or symmetric padding."""

@@ -138,13 +138,16 @@ class ClassifierHead(nn.Module):
 class NFNet(nn.Module):
     """Normalizer-Free Network built from a ``Variant`` table row."""
 
-    def __init__(self, variant: Variant, num_classes: int = 1000, numerics: str = "official") -> None:
+    def __init__(
+        self, variant: Variant, num_classes: int = 1000, numerics: str = "official"
+    ) -> None:
         super().__init__()
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
         if variant.activation not in ACTIVATION_GAMMAS:
             raise ValueError(
-                f"unknown activation {variant.activation!r}; choose one of {sorted(ACTIVATION_GAMMAS)}"
+                f"unknown activation {variant.activation!r}; "
+                f"choose one of {sorted(ACTIVATION_GAMMAS)}"
             )
         self.variant, self.numerics, self.num_classes = variant, numerics, num_classes
         self.stem = Stem(variant, numerics)
@@ -168,7 +171,9 @@ class NFNet(nn.Module):
                 # DM nfnet.py: stochdepth rate * index / num_blocks, index counted over all blocks.
                 rate = variant.stochdepth_rate * len(blocks) / total
                 beta = 1.0 / expected_std
-                block = NFBlock(channels, width, stride if i == 0 else 1, beta, rate, variant, numerics)
+                block = NFBlock(
+                    channels, width, stride if i == 0 else 1, beta, rate, variant, numerics
+                )
                 blocks.append(block)
                 channels = width
                 # DM nfnet.py: a stage's first block resets the expected std, then every block adds

@@ -1,0 +1,111 @@
+"""Model diagnostics: parameter and FLOP counts, signal propagation at initialisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.models.layers import WSConv2d
+from pipeline.models.nfnet import NFBlock, NFNet
+from pipeline.models.registry import create_model
+
+
+def _meta_model(name: str, num_classes: int = 1000) -> NFNet:
+    # The meta device allocates no memory, so even F7 (0.5 G parameters) builds instantly.
+    with torch.device("meta"):
+        return create_model(name, num_classes=num_classes)
+
+
+def count_params(name: str, num_classes: int = 1000) -> int:
+    """Number of trainable parameters of the registered model ``name`` (built on ``meta``)."""
+    return sum(p.numel() for p in _meta_model(name, num_classes).parameters())
+
+
+def _conv_flops(conv: WSConv2d, height: float, width: float) -> float:
+    # DM base.py count_conv_flops: out_ch * (h * w) / prod(stride) * (in_ch / groups) * kh * kw.
+    outputs = conv.out_channels * height * width / conv.stride**2
+    return outputs * conv.in_channels / conv.groups * conv.kernel_size**2
+
+
+def _block_flops(block: NFBlock, height: float, width: float) -> float:
+    # DM nfnet.py NFBlock.count_flops: conv0 and conv1 at the input size, the rest after stride.
+    flops = _conv_flops(block.conv0, height, width) + _conv_flops(block.conv1, height, width)
+    height, width = height / block.stride, width / block.stride
+    flops += _conv_flops(block.conv1b, height, width) + _conv_flops(block.conv2, height, width)
+    if block.use_projection:
+        flops += _conv_flops(block.conv_shortcut, height, width)
+    # SE linears act on pooled features: hidden * C for each of the two.
+    return flops + 2 * block.se.fc1.out_features * block.out_channels
+
+
+def count_flops(name_or_model: str | NFNet, resolution: int) -> int:
+    """Multiply-adds of one image at ``resolution``, counted as DM nfnet.py count_flops does."""
+    model = _meta_model(name_or_model) if isinstance(name_or_model, str) else name_or_model
+    height = width = float(resolution)
+    total = 0.0
+    for conv in (model.stem.conv0, model.stem.conv1, model.stem.conv2, model.stem.conv3):
+        total += _conv_flops(conv, height, width)
+        height, width = height / conv.stride, width / conv.stride
+    for block in model.blocks:
+        total += _block_flops(block, height, width)
+        height, width = height / block.stride, width / block.stride
+    total += _conv_flops(model.final_conv, height, width)
+    total += model.head.fc.in_features * model.head.fc.out_features
+    return round(total)
+
+
+@dataclass(frozen=True)
+class BlockSignal:
+    """Statistics of the residual stream after one block (index 0 is the stem output)."""
+
+    index: int
+    avg_squared_mean: float
+    avg_variance: float
+    expected_variance: float
+
+
+def expected_variances(model: NFNet) -> list[float]:
+    """Expected residual-stream variance after the stem and each block (DM beta bookkeeping)."""
+    alpha = model.variant.alpha
+    expected = [1.0]
+    for depth in model.variant.depths:
+        for i in range(depth):
+            # A stage's first block resets to a unit-variance shortcut; each block adds alpha^2.
+            previous = 1.0 if i == 0 else expected[-1]
+            expected.append(previous + alpha**2)
+    return expected
+
+
+@torch.no_grad()
+def signal_propagation(
+    model: NFNet, images: torch.Tensor, skip_gain: float = 1.0
+) -> list[BlockSignal]:
+    """Per-block average channel squared mean and variance of the residual stream.
+
+    The skip gains are set to ``skip_gain`` during the measurement (their init value 0 would hide
+    every residual branch); the NF-ResNet paper's plots have no SkipInit, i.e. a gain of 1.
+    """
+    outputs: list[torch.Tensor] = []
+    modules: list[nn.Module] = [model.stem, *model.blocks]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in modules]
+    saved = [block.skip_gain.detach().clone() for block in model.blocks]
+    was_training = model.training
+    try:
+        for block in model.blocks:
+            block.skip_gain.fill_(skip_gain)
+        model.eval()
+        model.blocks(model.stem(images))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for block, gain in zip(model.blocks, saved, strict=True):
+            block.skip_gain.copy_(gain)
+        model.train(was_training)
+    signals = []
+    for i, (out, expected) in enumerate(zip(outputs, expected_variances(model), strict=True)):
+        # Statistics per channel over (batch, height, width), then averaged over channels.
+        var, mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+        signals.append(BlockSignal(i, mean.square().mean().item(), var.mean().item(), expected))
+    return signals
