@@ -88,6 +88,9 @@ class TrainSection(Section):
     zero_stage: Literal[0, 1, 2] = 0
     channels_last: bool | None = Field(None, description="None: on GPU only")
     seed: int = 0
+    stop_after: int | None = Field(
+        None, gt=0, description="leave after this step as if preempted; run again to resume"
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(1000, gt=0)
     eval_batches: int | None = Field(None, gt=0, description="None: the whole validation split")

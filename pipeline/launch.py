@@ -35,7 +35,9 @@ def default_run_name(config: RunConfig, kind: str, origin: dict[str, Any] | None
     """``tracking.run_name``, or a hash of config and origin: same command, same run."""
     if config.tracking.run_name:
         return config.tracking.run_name
-    identity = {"config": config.model_dump(mode="json"), "origin": origin or {}}
+    settings = config.model_dump(mode="json")
+    settings["train"].pop("stop_after")  # stopping early and resuming is the same run
+    identity = {"config": settings, "origin": origin or {}}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode())
     return f"{kind}-{config.model.name}-{digest.hexdigest()[:8]}"
 
@@ -78,14 +80,26 @@ def run_url(config: RunConfig, run_name: str) -> str:
     return f"{config.checkpoint.storage_url.rstrip('/')}/{run_name}"
 
 
-def open_mlflow_run(config: RunConfig, plan: Plan, run_name: str, tags: dict[str, str]) -> str:
-    """Re-open the run recorded in storage for ``run_name`` or create a new one."""
+def open_mlflow_run(
+    config: RunConfig, plan: Plan, run_name: str, tags: dict[str, str]
+) -> tuple[str, str | None]:
+    """Re-open the run recorded in storage for ``run_name`` or create a new one.
+
+    Returns the run id and the status the run had (``None`` for a new run).
+    """
+    from mlflow import MlflowClient
+
     from pipeline.tracking import create_run
 
     marker = f"{run_url(config, run_name)}/{RUN_ID_FILE}"
     options = config.checkpoint.storage_options
     if url_exists(marker, options):
-        return read_bytes(marker, options).decode().strip()
+        run_id = read_bytes(marker, options).decode().strip()
+        client = MlflowClient(config.tracking.uri)
+        status = client.get_run(run_id).info.status
+        if status != "FINISHED":
+            client.update_run(run_id, status="RUNNING")
+        return run_id, status
     params = config.flat() | {f"plan.{key}": value for key, value in plan.as_dict().items()}
     run_id = create_run(
         config.tracking.uri,
@@ -96,7 +110,7 @@ def open_mlflow_run(config: RunConfig, plan: Plan, run_name: str, tags: dict[str
         tags=tags,
     )
     atomic_write_bytes(marker, run_id.encode(), options)
-    return run_id
+    return run_id, None
 
 
 def launch(
@@ -115,7 +129,12 @@ def launch(
     from pipeline.train.trainer import train_loop_per_worker
 
     run_name = default_run_name(config, kind, {"tags": tags, "init": init})
-    run_id = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
+    run_id, previous = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
+    if previous == "FINISHED":
+        print(f"run {run_name} (MLflow {run_id}) has already finished; nothing to do")
+        return LaunchResult(run_id, run_name, None, {})
+    if previous is not None:
+        print(f"resuming run {run_name} (MLflow {run_id}, was {previous})")
     connect_ray(config.scaling.ray_address)
     storage_path, filesystem = storage_target(
         config.checkpoint.storage_url, config.checkpoint.storage_options
@@ -149,6 +168,8 @@ def launch(
     except Exception:
         end_run(config.tracking.uri, run_id, status="FAILED")
         raise
-    end_run(config.tracking.uri, run_id, status="FINISHED")
+    metrics = dict(result.metrics or {})
+    stopped = metrics.get("step", plan.total_steps) < plan.total_steps
+    end_run(config.tracking.uri, run_id, status="KILLED" if stopped else "FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return LaunchResult(run_id, run_name, checkpoint, dict(result.metrics or {}))
+    return LaunchResult(run_id, run_name, checkpoint, metrics)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.config import EXIT_BAD_INPUT, ConfigError, parse_override
 
+_SHELL = re.compile(r"[;&|`$<>\\\n'\"]")
 _SAFE_OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=[\w.:/@,+\-=]*$")
 FINISHED_RAY = {"SUCCEEDED"}
 FAILED_RAY = {"FAILED", "STOPPED"}
@@ -42,16 +43,21 @@ class TaskSpec(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="dotted key=value, no shell")
     num_cpus: float = Field(1, gt=0, description="CPUs the job's driver reserves")
 
-    @field_validator("overrides", "train_url", "config")
+    @field_validator("train_url", "config")
     @classmethod
-    def _no_shell(cls, value):
-        # Arguments travel as one quoted list, but refuse shell syntax outright as well.
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(value, list) and not _SAFE_OVERRIDE.match(item):
-                raise ValueError(f"override {item!r} must be section.key=value without shell syntax")
-            if re.search(r"[;&|`$<>\\\n'\"]", item):
-                raise ValueError(f"{item!r} contains shell syntax")
+    def _no_shell(cls, value: str) -> str:
+        # Arguments travel as one quoted list; shell syntax is refused outright as well.
+        if _SHELL.search(value):
+            raise ValueError(f"{value!r} contains shell syntax")
         return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _plain_overrides(cls, values: list[str]) -> list[str]:
+        for item in values:
+            if not _SAFE_OVERRIDE.match(item):
+                raise ValueError(f"override {item!r} is not section.key=value (no shell syntax)")
+        return values
 
 
 def load_tasks(folder: str | Path) -> list[TaskSpec]:
@@ -64,9 +70,7 @@ def load_tasks(folder: str | Path) -> list[TaskSpec]:
         try:
             tasks.append(TaskSpec.model_validate(yaml.safe_load(file.read_text()) or {}))
         except ValidationError as exc:
-            where = "; ".join(
-                f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()
-            )
+            where = "; ".join(f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors())
             raise ConfigError(f"{file}: {where}") from None
         for text in tasks[-1].overrides:
             parse_override(text)
@@ -126,12 +130,13 @@ class Scheduler:
         for step in steps:
             for task in self.tasks:
                 pair = Pair(step, task, done_in_mlflow=(step, task.name) in finished)
-                attempt = 0
-                while (sid := submission_id(self.args.pretrain_run, step, task.name, attempt)) in jobs:
+                while (sid := self._id(pair, len(pair.attempts))) in jobs:
                     pair.attempts.append(jobs[sid].split(".")[-1])
-                    attempt += 1
                 pairs.append(pair)
         return pairs
+
+    def _id(self, pair: Pair, attempt: int) -> str:
+        return submission_id(self.args.pretrain_run, pair.step, pair.task.name, attempt)
 
     def _finished_in_mlflow(self) -> set[tuple[int, str]]:
         from pipeline.tracking import TAG_PRETRAIN_RUN, TAG_PRETRAIN_STEP, TAG_TASK
@@ -163,7 +168,7 @@ class Scheduler:
         ]  # fmt: skip
         self.ray.submit_job(
             entrypoint=shlex.join(argv),
-            submission_id=submission_id(self.args.pretrain_run, pair.step, pair.task.name, attempt),
+            submission_id=self._id(pair, attempt),
             entrypoint_num_cpus=pair.task.num_cpus,
             runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}},
             metadata={"pretrain_run": self.args.pretrain_run, "step": str(pair.step),
@@ -181,8 +186,9 @@ class Scheduler:
             if running < self.args.max_running and (pair.state == "WAITING" or retryable):
                 self.submit(pair)
                 running += 1
+        retries = self.args.retries
         settled = all(
-            p.state == "SUCCEEDED" or (p.state in FAILED_RAY and len(p.attempts) > self.args.retries)
+            p.state == "SUCCEEDED" or (p.state in FAILED_RAY and len(p.attempts) > retries)
             for p in pairs
         )
         return pairs, ended and settled

@@ -95,7 +95,10 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
         val_samples=val_samples,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        warmup_steps=round(optim.warmup_epochs * train_samples / train.global_batch),
+        # A run shorter than the warm-up (a smoke test) warms up over all of it.
+        warmup_steps=min(
+            total_steps, round(optim.warmup_epochs * train_samples / train.global_batch)
+        ),
         precision=precision,
         channels_last=_pick(train.channels_last, gpu),
     )

@@ -110,8 +110,15 @@ class Trainer:
                 stats = StepStats()
             if self.step % self.config.train.eval_every == 0 or self.step == plan.total_steps:
                 last_metrics |= self.log_eval(self.evaluate())
-            if self.step % self.config.checkpoint.every_steps == 0 or self.step == plan.total_steps:
+            stopping = self.step == self.config.train.stop_after
+            if (
+                stopping
+                or self.step % self.config.checkpoint.every_steps == 0
+                or (self.step == plan.total_steps)
+            ):
                 self.save_checkpoint(last_metrics)
+            if stopping:
+                return self.leave_early()
         self.finish()
         return last_metrics
 
@@ -257,9 +264,12 @@ class Trainer:
         """The rank-0 MLflow logger; after a restore it skips steps the run already logged."""
         if self.rank != 0 or self.run_id is None:
             return None
-        from pipeline.tracking import RunLogger
+        from pipeline.tracking import RunLogger, last_logged_steps
 
-        return RunLogger(self.config.tracking.uri, self.run_id)
+        uri = self.config.tracking.uri
+        # After a restart, steps between the checkpoint and the failure were logged already.
+        logged = last_logged_steps(uri, self.run_id) if self.step > 0 else None
+        return RunLogger(uri, self.run_id, resume_from_step=logged)
 
     def log(self, stats: StepStats, started: float) -> dict[str, float]:
         """One progress line and one batch of metrics, on rank 0 only."""
@@ -327,6 +337,14 @@ class Trainer:
             ray.train.report(
                 report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{self.step:09d}"
             )
+
+    def leave_early(self) -> dict[str, float]:
+        """Stop after ``train.stop_after`` (as a preemption would): all is in the checkpoint."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.rank == 0:
+            print(f"stopped after step {self.step} (train.stop_after); run again to resume")
+        return {"stopped_at": float(self.step)}
 
     def finish(self) -> None:
         """Final weights to MLflow (safetensors) and an optional registered model version."""
