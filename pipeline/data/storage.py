@@ -212,7 +212,12 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
         _call(url, lambda: os.makedirs(parent, exist_ok=True))
     try:
         _call(url, lambda: fs.pipe_file(temporary, data))
-        _call(url, lambda: fs.mv(temporary, path))
+        if isinstance(fs, LocalFileSystem):
+            # os.replace, not fs.mv: shutil.move would put the file inside a directory that
+            # occupies the final name instead of failing.
+            _call(url, lambda: os.replace(temporary, path))
+        else:
+            _call(url, lambda: fs.mv(temporary, path))
     except BaseException:
         try:
             fs.rm_file(temporary)

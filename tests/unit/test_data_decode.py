@@ -1,0 +1,62 @@
+"""Decoding: every stored mode ends as RGB uint8 with the expected pixel values; bad bytes fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.decode import CorruptImage, check_image, decode_rgb
+from pipeline.data.sources import encode_jpeg
+from tests.unit.test_data_support import jpeg_bytes, png_bytes
+
+
+def _pixel(data: bytes, x: int = 0, y: int = 0) -> list[int]:
+    image = decode_rgb(data)
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    return image[:, y, x].tolist()
+
+
+def test_grayscale_becomes_three_equal_channels():
+    assert _pixel(png_bytes(Image.new("L", (4, 3), 77))) == [77, 77, 77]
+
+
+def test_sixteen_bit_gray_is_rescaled_not_clipped():
+    wide = np.array([[0, 257 * 100, 65535, 1000]], dtype=np.uint16)
+    data = png_bytes(Image.fromarray(wide))
+    assert decode_rgb(data)[0, 0].tolist() == [0, 100, 255, 4]  # 1000 / 257 = 3.89 -> 4
+
+
+def test_rgba_is_composited_on_black():
+    rgba = Image.new("RGBA", (2, 1), (200, 100, 50, 255))
+    rgba.putpixel((1, 0), (200, 100, 50, 0))
+    data = png_bytes(rgba)
+    assert _pixel(data, 0) == [200, 100, 50]
+    assert _pixel(data, 1) == [0, 0, 0]
+
+
+def test_palette_and_transparent_palette_images():
+    palette = Image.new("P", (2, 1), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    assert _pixel(png_bytes(palette)) == [10, 20, 30]
+    palette.info["transparency"] = 1
+    assert _pixel(png_bytes(palette)) == [0, 0, 0]
+
+
+def test_grayscale_jpeg_and_size():
+    data = encode_jpeg(Image.new("L", (20, 10), 128))
+    image = decode_rgb(data)
+    assert tuple(image.shape) == (3, 10, 20)
+    assert abs(int(image[0, 5, 5]) - 128) <= 1 and torch.equal(image[0], image[2])
+
+
+def test_corrupt_and_truncated_jpegs_fail_the_cheap_check():
+    good = jpeg_bytes(3, 64)
+    assert tuple(check_image(good).shape) == (3, 8, 8)  # 1/8-scale decode of a 64 px image
+    with pytest.raises(CorruptImage):
+        check_image(b"not an image at all")
+    with pytest.raises(CorruptImage):
+        check_image(good[: len(good) // 2])
+    with pytest.raises(CorruptImage):
+        decode_rgb(good[: len(good) // 2])

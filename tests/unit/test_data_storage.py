@@ -1,0 +1,131 @@
+"""pipeline.data.storage: atomic writes, listing, clear errors naming the URL, retries."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from pipeline.data import storage
+from pipeline.data.storage import StorageError
+
+
+def test_atomic_write_leaves_only_the_final_file(tmp_path):
+    url = f"file://{tmp_path}/deep/dir/blob.bin"
+    storage.atomic_write_bytes(url, b"x" * 1000)
+    storage.atomic_write_bytes(url, b"y" * 10)  # overwrite in place
+    assert (tmp_path / "deep/dir/blob.bin").read_bytes() == b"y" * 10
+    assert sorted(p.name for p in (tmp_path / "deep/dir").iterdir()) == ["blob.bin"]
+
+
+def test_failed_atomic_write_keeps_old_content_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "occupied"
+    target.mkdir()  # a directory under the final name: the rename must fail
+    (target / "keep").write_bytes(b"old")
+    with pytest.raises(StorageError, match="occupied"):
+        storage.atomic_write_bytes(str(target), b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
+    assert (target / "keep").read_bytes() == b"old"
+
+
+def test_plain_paths_and_file_urls_are_the_same_place(tmp_path):
+    storage.atomic_write_bytes(str(tmp_path / "a.txt"), b"abc")
+    assert storage.read_bytes(f"file://{tmp_path}/a.txt") == b"abc"
+    assert storage.url_exists(f"file://{tmp_path}/a.txt")
+    assert not storage.url_exists(str(tmp_path / "b.txt"))
+    assert storage.url_size(str(tmp_path / "a.txt")) == 3
+    with storage.open_url(str(tmp_path / "a.txt")) as handle:
+        assert handle.read() == b"abc"
+
+
+def test_list_urls_is_sorted_and_empty_for_a_missing_prefix(tmp_path):
+    for name in ("b", "a", "c"):
+        storage.atomic_write_bytes(f"file://{tmp_path}/{name}", name.encode())
+    assert storage.list_urls(f"file://{tmp_path}") == [f"file://{tmp_path}/{n}" for n in "abc"]
+    assert storage.list_urls(str(tmp_path / "nothing")) == []
+
+
+def test_memory_urls_round_trip():
+    storage.atomic_write_bytes("memory://storage-test/x/y.bin", b"12345")
+    assert storage.read_bytes("memory://storage-test/x/y.bin") == b"12345"
+    assert storage.list_urls("memory://storage-test/x") == ["memory://storage-test/x/y.bin"]
+    storage.remove_url("memory://storage-test/x/y.bin")
+    assert not storage.url_exists("memory://storage-test/x/y.bin")
+
+
+def test_missing_url_error_names_the_url(tmp_path):
+    url = f"file://{tmp_path}/absent.bin"
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes(url)
+    assert caught.value.url == url
+    assert str(caught.value) == f"{url}: does not exist"
+    with pytest.raises(StorageError, match="absent.bin: does not exist"):
+        storage.open_url(url)
+
+
+def test_pipe_urls_are_not_storage():
+    with pytest.raises(StorageError, match="pipe:"):
+        storage.read_bytes("pipe:cat /etc/hostname")
+
+
+class _FlakyCall:
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures, self.calls = list(failures), 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "done"
+
+
+class _ClientError(Exception):
+    """Shaped like botocore's ClientError: the classification reads ``response``."""
+
+    def __init__(self, code: str, status: int) -> None:
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+def test_retry_backs_off_exponentially_on_transient_errors():
+    sleeps: list[float] = []
+    flaky = _FlakyCall([ConnectionError("reset"), TimeoutError(), _ClientError("SlowDown", 503)])
+    assert storage.retry(flaky, attempts=5, backoff=0.25, sleep=sleeps.append) == "done"
+    assert flaky.calls == 4
+    assert sleeps == [0.25, 0.5, 1.0]
+
+
+def test_retry_gives_up_after_the_last_attempt():
+    sleeps: list[float] = []
+    flaky = _FlakyCall([OSError(errno.ECONNRESET, "reset")] * 3)
+    with pytest.raises(OSError):
+        storage.retry(flaky, attempts=3, backoff=1.0, sleep=sleeps.append)
+    assert flaky.calls == 3
+    assert sleeps == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError("x"),
+        PermissionError("x"),
+        ValueError("x"),
+        _ClientError("AccessDenied", 403),
+    ],
+)
+def test_retry_does_not_repeat_permanent_errors(error):
+    sleeps: list[float] = []
+    flaky = _FlakyCall([error])
+    with pytest.raises(type(error)):
+        storage.retry(flaky, attempts=5, backoff=1.0, sleep=sleeps.append)
+    assert (flaky.calls, sleeps) == (1, [])
+
+
+def test_transient_cause_is_found_through_the_exception_chain():
+    try:
+        try:
+            raise ConnectionResetError("peer reset")
+        except ConnectionResetError as inner:
+            raise OSError("read failed") from inner
+    except OSError as outer:
+        assert storage._is_transient(outer)

@@ -1,0 +1,79 @@
+"""Transforms: DM-level RandAugment, eval squash + centre crop, batch normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from pipeline.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LevelRandAugment,
+    _level_space,
+    eval_transform,
+    normalize_batch,
+    train_transform,
+)
+
+
+def _image(seed: int, height: int = 40, width: int = 48) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("level", [0, 5, 10])
+def test_level_randaugment_equals_torchvision_on_an_eleven_bin_scale(level):
+    ours = LevelRandAugment(4, level)
+    reference = v2.RandAugment(num_ops=4, magnitude=level, num_magnitude_bins=11)
+    for seed in range(12):
+        image = _image(seed)
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(image), expected)
+
+
+def test_levels_above_ten_extrapolate_and_stay_valid():
+    space = _level_space(15)
+    value = {name: fn(2, 100, 100) for name, (fn, _) in space.items()}
+    assert value["Rotate"][1].item() == pytest.approx(45.0)  # 30 deg at level 10
+    assert value["ShearX"][1].item() == pytest.approx(0.45)
+    assert value["TranslateX"][1].item() == pytest.approx(150 / 331 * 100 * 1.5)
+    assert value["Brightness"][1].item() == pytest.approx(0.99)  # 1.35 clamped: factor stays > 0
+    assert value["Posterize"][1].item() == 2  # 8 - 4 * 1.5 bits
+    assert value["Solarize"][1].item() == 0.0
+    assert value["Identity"] is None
+
+
+def test_normalize_batch_matches_a_float64_reference():
+    batch = torch.stack([_image(seed, 8, 8) for seed in range(4)])
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    reference = (batch.double() / 255.0 - mean) / std
+    result = normalize_batch(batch)
+    assert result.dtype == torch.float32
+    assert (result.double() - reference).abs().max().item() < 1e-5
+
+
+def test_eval_transform_of_a_padded_square_is_its_centre():
+    image = _image(7, 96, 96)  # (64 + 32)^2: the squash-resize is the identity
+    assert torch.equal(eval_transform(64, normalize=False)(image), image[:, 16:80, 16:80])
+
+
+def test_eval_transform_squashes_any_aspect_to_the_test_resolution():
+    out = eval_transform(24, normalize=True)(_image(1, 30, 90))
+    assert tuple(out.shape) == (3, 24, 24) and out.dtype == torch.float32
+
+
+def test_train_transform_shapes_and_determinism_under_a_seed():
+    transform = train_transform(32, 4, 5, normalize=False)
+    image = _image(3, 64, 80)
+    torch.manual_seed(11)
+    first = transform(image)
+    torch.manual_seed(11)
+    second = transform(image)
+    assert first.dtype == torch.uint8 and tuple(first.shape) == (3, 32, 32)
+    assert torch.equal(first, second)
+    normalized = train_transform(32, 0, 0)(image)
+    assert normalized.dtype == torch.float32 and tuple(normalized.shape) == (3, 32, 32)
