@@ -1,0 +1,161 @@
+"""Shard writer and CLI: layout, timm compatibility, byte-identical output, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import shards
+from pipeline.data import read_info, write_shards
+from pipeline.data.sources import shapes
+from pipeline.data.writer import WriteConflict
+from tests.unit.test_data_support import IndexedSource
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_layout_counts_and_info(tmp_path):
+    info = write_shards(IndexedSource(50), f"file://{tmp_path}", samples_per_shard=16,
+                        val_samples=10, seed=3, progress=False)  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == [
+        "_info.json", "_write_plan.json",
+        "indexed-train-000000.tar", "indexed-train-000001.tar", "indexed-train-000002.tar",
+        "indexed-validation-000000.tar",
+    ]  # fmt: skip
+    assert info.split("train").shard_lengths == (16, 16, 8)
+    assert info.split("validation").shard_lengths == (10,)
+    document = json.loads((tmp_path / "_info.json").read_text())
+    assert document["splits"]["train"]["filenames"][0] == "indexed-train-000000.tar"
+    assert document["splits"]["train"]["num_samples"] == 40 and document["num_classes"] == 50
+    with tarfile.open(tmp_path / "indexed-validation-000000.tar") as tar:
+        names = tar.getnames()
+        labels = {int(tar.extractfile(n).read()) for n in names if n.endswith(".cls")}
+    assert len(names) == 20 and all(n.endswith((".cls", ".jpg")) for n in names)
+    train_labels = set()
+    for shard in tmp_path.glob("indexed-train-*.tar"):
+        with tarfile.open(shard) as tar:
+            train_labels |= {
+                int(tar.extractfile(n).read()) for n in tar.getnames() if n.endswith(".cls")
+            }
+    assert labels.isdisjoint(train_labels) and labels | train_labels == set(range(50))
+
+
+def test_timm_webdataset_reader_reads_the_shards(tmp_path):
+    from timm.data.readers.reader_wds import ReaderWds
+
+    write_shards(IndexedSource(30), str(tmp_path), samples_per_shard=8, val_samples=12,
+                 progress=False)  # fmt: skip
+    reader = ReaderWds(str(tmp_path), split="validation", is_training=False)
+    labels = sorted(int(target) for _, target in reader)
+    info = read_info(str(tmp_path))
+    assert len(labels) == 12 == info.split("validation").num_samples
+    assert len(set(labels)) == 12
+
+
+def test_same_source_and_seed_give_byte_identical_shards(tmp_path):
+    for name in ("a", "b"):
+        write_shards(shapes(40, 24, seed=1), str(tmp_path / name), samples_per_shard=7,
+                     val_samples=5, seed=9, progress=False)  # fmt: skip
+    first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert len(first) == 8 and first == second  # 5 + 1 shards, 2 json files
+    write_shards(shapes(40, 24, seed=1), str(tmp_path / "c"), samples_per_shard=7,
+                 val_samples=5, seed=10, progress=False)  # fmt: skip
+    assert _files(tmp_path / "c")["shapes-train-000000.tar"] != first["shapes-train-000000.tar"]
+
+
+def test_rerun_rewrites_only_missing_shards(tmp_path):
+    arguments = dict(samples_per_shard=10, val_samples=6, seed=2, progress=False)
+    write_shards(IndexedSource(46), str(tmp_path), **arguments)
+    reference = _files(tmp_path)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    (tmp_path / "indexed-train-000002.tar").unlink()
+    (tmp_path / "_info.json").unlink()
+    (tmp_path / ".indexed-train-000003.tar.tmp-1-abc").write_bytes(b"half a shard")
+    time.sleep(0.01)
+    write_shards(IndexedSource(46), str(tmp_path), **arguments)
+    assert _files(tmp_path) == reference  # the leftover temporary is gone too
+    rewritten = {p.name for p in tmp_path.iterdir() if p.stat().st_mtime_ns != stamps[p.name]}
+    assert rewritten == {"indexed-train-000002.tar", "_info.json"}
+
+
+def test_rerun_with_other_parameters_is_refused(tmp_path):
+    write_shards(IndexedSource(20), str(tmp_path), samples_per_shard=10, val_samples=4,
+                 progress=False)  # fmt: skip
+    with pytest.raises(WriteConflict, match=str(tmp_path)):
+        write_shards(IndexedSource(20), str(tmp_path), samples_per_shard=5, val_samples=4,
+                     progress=False)  # fmt: skip
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.shards", *args], cwd=cwd or REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_killed_write_resumes_to_the_same_shards(tmp_path):
+    args = ["shapes", "--num-samples", "600", "--resolution", "96", "--samples-per-shard", "20",
+            "--val-samples", "40", "--seed", "4", "--quiet"]  # fmt: skip
+    killed = tmp_path / "killed"
+    process = _cli("write", args[0], str(killed), *args[1:])
+    deadline = time.monotonic() + 60
+    while len(list(killed.glob("*.tar"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "_info.json").exists(), "the write finished before it could be killed"
+    for shard in killed.glob("*.tar"):  # every shard under its final name is complete
+        with tarfile.open(shard) as tar:
+            assert len(tar.getnames()) == 40
+    # The re-run and the uninterrupted reference run in-process: the same code path as the CLI.
+    arguments = dict(samples_per_shard=20, val_samples=40, seed=4, progress=False)
+    write_shards(shapes(600, 96, seed=4), str(killed), **arguments)
+    write_shards(shapes(600, 96, seed=4), str(tmp_path / "complete"), **arguments)
+    assert _files(killed) == _files(tmp_path / "complete")
+    assert len(_files(killed)) == 2 + 28 + 2
+
+
+def test_cli_write_and_inspect(tmp_path, capsys):
+    url = f"file://{tmp_path}/set"
+    options = ["--num-samples", "60", "--resolution", "16", "--samples-per-shard", "25"]
+    assert shards.main(["write", "digits", url, *options, "--val-samples", "10", "--quiet"]) == 0
+    assert "{'train': 50, 'validation': 10}" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert (
+        shards.main(["inspect", url, "--grid", str(grid), "--grid-samples", "6", "--verify"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "classes: 10 (0, 1, 2" in out
+    assert "split train: 50 samples in 2 shards" in out and "read 50 samples" in out
+    assert "split validation: 10 samples in 1 shards" in out and "read 10 samples" in out
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        assert image.size == (6 * shards.THUMBNAIL, shards.THUMBNAIL)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["write", "/no/such/dir/", "/tmp/x"], "'/no/such/dir/'"),
+        (["write", "cifar", "/tmp/x"], "'cifar'"),
+        (["inspect", "file:///no/such/shards"], "file:///no/such/shards/_info.json"),
+        (
+            ["write", "shapes", "/tmp/x", "--num-samples", "5", "--val-samples", "5"],
+            "validation size 5",
+        ),
+    ],
+)
+def test_cli_bad_input_exits_2_naming_the_culprit(argv, named, capsys):
+    assert shards.main(argv) == 2
+    assert named in capsys.readouterr().err
