@@ -21,7 +21,7 @@ def reference_unitwise_norm(x: np.ndarray) -> np.ndarray:
 
 
 def reference_clip(w: np.ndarray, g: np.ndarray, clipping: float, eps: float) -> np.ndarray:
-    """G_i * max_norm / max(||G_i||, 1e-6) where ||G_i|| > max_norm = clipping * max(||W_i||, eps)."""
+    """G_i * max_norm / max(||G_i||, 1e-6) where ||G_i|| > clipping * max(||W_i||, eps)."""
     max_norm = clipping * np.maximum(reference_unitwise_norm(w), eps)
     g_norm = reference_unitwise_norm(g)
     return np.where(g_norm > max_norm, g * max_norm / np.maximum(g_norm, 1e-6), g)
