@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.data.decode import CorruptImage, check_image, decode_rgb, image_bytes
 from pipeline.data.info import read_info
@@ -54,6 +53,9 @@ def shard_sequence(
 
 def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
     """``items`` through a shuffle buffer of ``size`` (0 or 1: unchanged)."""
+    if size <= 1:
+        yield from items
+        return
     buffer: list = []
     for item in items:
         if len(buffer) < size:
@@ -91,12 +93,8 @@ def _decode(data: bytes, counter: SkipCounter) -> torch.Tensor | None:
         counter.add("corrupt_image")
         return None
     try:
-        if data[:3] == b"\xff\xd8\xff":
-            return decode_jpeg(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
-            )
         return decode_rgb(data)
-    except (RuntimeError, CorruptImage):
+    except CorruptImage:
         # The check decoded it at 1/8 scale: use that rather than shift every later batch.
         counter.add("low_resolution_decode")
         return small

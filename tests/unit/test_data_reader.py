@@ -1,0 +1,179 @@
+"""Streaming loaders on file:// shards: exact-once eval, equal train batches, seeding, resume."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+
+from pipeline.data import StorageError, make_eval_loader, make_train_loader, write_shards
+from tests.unit.test_data_support import IndexedSource, jpeg_bytes, tar_bytes, write_info
+
+TRAIN = dict(batch_size=4, resolution=24, randaugment_layers=2, randaugment_magnitude=5,
+             shuffle_buffer=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[str, set[int], set[int]]:
+    """90 samples labelled by index: train 70 in 9 shards, validation 20 in 3 shards."""
+    url = f"file://{tmp_path_factory.mktemp('indexed')}"
+    info = write_shards(IndexedSource(90), url, samples_per_shard=8, val_samples=20, seed=0,
+                        progress=False)  # fmt: skip
+    labels = {}
+    for name, split in info.splits.items():
+        labels[name] = set()
+        for shard in split.shard_urls:
+            with tarfile.open(shard[len("file://") :]) as tar:
+                labels[name] |= {
+                    int(tar.extractfile(m).read()) for m in tar if m.name.endswith("cls")
+                }
+    return url, labels["train"], labels["validation"]
+
+
+def _train(url: str, **overrides) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    arguments = dict(TRAIN, batches_per_epoch=6, rank=0, world_size=1, epoch=0, seed=7,
+                     num_workers=0)  # fmt: skip
+    arguments.update(overrides)
+    return list(make_train_loader(url, **arguments))
+
+
+def _same(first, second) -> bool:
+    return len(first) == len(second) and all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+def test_validation_yields_every_sample_once_across_2_ranks_x_2_workers(dataset):
+    url, _, validation = dataset
+    per_rank = []
+    for rank in range(2):
+        loader = make_eval_loader(url, batch_size=3, rank=rank, world_size=2, num_workers=2,
+                                  resolution=24)  # fmt: skip
+        labels = [int(x) for images, batch in loader for x in batch]
+        assert all(images.shape[1:] == (3, 24, 24) for images, _ in loader)
+        per_rank.append(labels)
+    assert [len(labels) for labels in per_rank] == [10, 10]
+    everything = per_rank[0] + per_rank[1]
+    assert sorted(everything) == sorted(validation) and len(set(everything)) == 20
+
+
+def test_training_gives_every_rank_the_same_number_of_batches(dataset):
+    url, train, _ = dataset
+    for world_size, workers in ((2, 2), (3, 2)):
+        for rank in range(world_size):
+            batches = _train(url, rank=rank, world_size=world_size, num_workers=workers,
+                             batches_per_epoch=7)  # fmt: skip
+            assert len(batches) == 7
+            assert all(images.shape == (4, 3, 24, 24) for images, _ in batches)
+            assert {int(x) for _, labels in batches for x in labels} <= train
+    loader = make_train_loader(url, **TRAIN, batches_per_epoch=5, rank=0, world_size=1, epoch=0,
+                               seed=1, num_workers=0, start_batch=2)  # fmt: skip
+    assert len(loader) == 3
+
+
+def test_same_seed_same_batches_other_epoch_or_seed_or_rank_differs(dataset):
+    url, _, _ = dataset
+    reference = _train(url, num_workers=2)
+    assert _same(reference, _train(url, num_workers=2))
+    labels = [b[1].tolist() for b in reference]
+    assert labels != [b[1].tolist() for b in _train(url, num_workers=2, epoch=1)]
+    assert labels != [b[1].tolist() for b in _train(url, num_workers=2, seed=8)]
+    assert labels != [b[1].tolist() for b in _train(url, num_workers=2, rank=1, world_size=2)]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_start_batch_yields_exactly_the_uninterrupted_batches(dataset, workers):
+    url, _, _ = dataset
+    uninterrupted = _train(url, num_workers=workers, batches_per_epoch=8)
+    for start in (1, 5):
+        resumed = _train(url, num_workers=workers, batches_per_epoch=8, start_batch=start)
+        assert _same(resumed, uninterrupted[start:])
+
+
+def test_each_epoch_covers_the_data_like_a_permutation(dataset):
+    url, train, _ = dataset
+    # 70 samples, 2 ranks x 1 worker, 35 samples each: disjoint shards within a pass.
+    seen = []
+    for rank in range(2):
+        batches = _train(url, rank=rank, world_size=2, batch_size=5, batches_per_epoch=6,
+                         shuffle_buffer=0)  # fmt: skip
+        seen += [int(x) for _, labels in batches for x in labels]
+    assert len(seen) == 60 and len(set(seen)) == 60 and set(seen) <= train
+
+
+def _handmade(directory) -> str:
+    """Validation (and train) shards with known defects; labels of good samples are unique."""
+    good = lambda key, label: {"__key__": key, "jpg": jpeg_bytes(label), "cls": str(label).encode()}  # noqa: E731
+    first = [good(f"a{i}", i) for i in range(8)]
+    first[1]["jpg"] = b"garbage, not a JPEG"
+    first[3]["jpg"] = first[3]["jpg"][:300]  # truncated image
+    del first[5]["cls"]
+    first[6]["cls"] = b"abc"
+    second = [good(f"b{i}", 10 + i) for i in range(6)]
+    second[0] = {"__key__": "b0", "cls": b"10"}  # no image
+    second[2]["cls"] = b"999"  # not a class
+    third = tar_bytes([good(f"c{i}", 20 + i) for i in range(6)])
+    with tarfile.open(fileobj=io.BytesIO(third)) as tar:
+        cut = tar.getmember("c4.jpg")
+    (directory / "a.tar").write_bytes(tar_bytes(first))
+    (directory / "b.tar").write_bytes(tar_bytes(second))
+    (directory / "c.tar").write_bytes(third[: cut.offset_data + cut.size // 2])
+    shards = [("a.tar", 8), ("b.tar", 6), ("c.tar", 6)]
+    write_info(directory, {"train": shards, "validation": shards}, num_classes=50)
+    return f"file://{directory}"
+
+
+GOOD_LABELS = [0, 2, 4, 7, 11, 13, 14, 15, 20, 21, 22, 23]
+EXPECTED_SKIPS = {"corrupt_image": 2, "missing_image": 1, "missing_label": 3,
+                  "truncated_shard": 1, "low_resolution_decode": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted_exactly(tmp_path, workers):
+    url = _handmade(tmp_path)
+    loader = make_eval_loader(url, batch_size=5, rank=0, world_size=1, num_workers=workers,
+                              resolution=16)  # fmt: skip
+    labels = sorted(int(x) for _, batch in loader for x in batch)
+    assert labels == GOOD_LABELS
+    assert loader.skipped_by_reason() == EXPECTED_SKIPS
+    assert loader.skipped() == 7
+
+
+def test_resume_skips_the_same_bad_samples(tmp_path):
+    url = _handmade(tmp_path)
+    arguments = dict(TRAIN, batch_size=3, batches_per_epoch=9, rank=0, world_size=1, epoch=2,
+                     seed=3, num_workers=2, shuffle_buffer=4)  # fmt: skip
+    uninterrupted = list(make_train_loader(url, **arguments))
+    for start in (2, 7):
+        resumed = list(make_train_loader(url, **arguments, start_batch=start))
+        assert _same(resumed, uninterrupted[start:])
+
+
+def test_missing_dataset_names_the_url(tmp_path):
+    url = f"file://{tmp_path}/nothing-here"
+    with pytest.raises(StorageError, match=f"{url}/_info.json: does not exist"):
+        make_eval_loader(url, batch_size=2, rank=0, world_size=1, num_workers=0, resolution=16)
+
+
+def test_missing_shard_names_the_shard(tmp_path):
+    url = _handmade(tmp_path)
+    (tmp_path / "b.tar").unlink()
+    loader = make_eval_loader(url, batch_size=2, rank=0, world_size=1, num_workers=0,
+                              resolution=16)  # fmt: skip
+    with pytest.raises(StorageError, match="b.tar: does not exist"):
+        list(loader)
+
+
+def test_pipe_urls_need_allow_pipe(dataset):
+    url, _, validation = dataset
+    template = f"pipe:cat {url[len('file://') :]}/{{path}}"
+    with pytest.raises(StorageError, match="allow_pipe"):
+        make_eval_loader(template, batch_size=4, rank=0, world_size=1, num_workers=0,
+                         resolution=16)  # fmt: skip
+    loader = make_eval_loader(template, batch_size=4, rank=0, world_size=1, num_workers=0,
+                              resolution=16, allow_pipe=True)  # fmt: skip
+    assert sorted(int(x) for _, batch in loader for x in batch) == sorted(validation)
