@@ -10,6 +10,7 @@ Secrets never reach MLflow: every param, tag and the config artifact go through 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -18,10 +19,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from mlflow import MlflowClient
@@ -41,9 +43,12 @@ CHECKPOINT_METRIC = "checkpoint_step"
 KINDS = ("pretrain", "finetune", "scratch")
 
 REDACTED = "***"
-# A key is secret when its name contains one of these words (case-insensitive); "auth" and
-# "passwd" cover HTTP authorization headers and Unix-style names the brief's list misses.
-_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session|auth", re.I)
+# A key is secret when its name contains one of these words (case-insensitive). Beyond the obvious
+# ones: "auth" (HTTP Authorization), "passwd", and the signature of pre-signed URLs (S3
+# X-Amz-Signature, Azure SAS "sig").
+_SECRET_KEY = re.compile(
+    r"key|secret|token|password|passwd|credential|session|auth|signature|^sig$", re.I
+)
 
 # MLflow's server-side limits (mlflow/utils/validation.py in MLflow 3.x).
 MAX_PARAM_VALUE_CHARS = 6000
@@ -54,15 +59,10 @@ MAX_KEY_CHARS = 250
 _KEY_FORBIDDEN = re.compile(r"[^\w\-. /:]")  # MLflow allows alphanumerics, _ - . space / :
 
 # MLflow error codes that a retry cannot fix: the request itself is wrong.
-_PERMANENT_ERRORS = {
-    "INVALID_PARAMETER_VALUE",
-    "BAD_REQUEST",
-    "RESOURCE_DOES_NOT_EXIST",
-    "RESOURCE_ALREADY_EXISTS",
-    "INVALID_STATE",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-}
+_PERMANENT_ERRORS = set(
+    "INVALID_PARAMETER_VALUE BAD_REQUEST RESOURCE_DOES_NOT_EXIST RESOURCE_ALREADY_EXISTS "
+    "INVALID_STATE PERMISSION_DENIED UNAUTHENTICATED".split()
+)
 
 
 class TrackingError(RuntimeError):
@@ -75,18 +75,24 @@ def is_secret_key(name: str) -> bool:
 
 
 def _redact_url(text: str) -> str:
-    # "scheme://user:password@host/..." keeps the user and host but loses the password.
-    if "://" not in text or "@" not in text:
+    # "s3://user:password@host/x?X-Amz-Signature=..." keeps user, host and path; loses the
+    # password and every secret-named query value (pre-signed URLs carry credentials there).
+    if "://" not in text or ("@" not in text and "?" not in text):
         return text
     try:
         parts = urlsplit(text)
+        password = parts.password
     except ValueError:
         return text
-    if parts.password is None:
-        return text
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if password is not None:
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"{parts.username}:{REDACTED}@{parts.hostname or ''}{port}")
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        parts = parts._replace(
+            query=urlencode([(k, REDACTED if is_secret_key(k) else v) for k, v in query], safe="*")
+        )
+    return urlunsplit(parts)
 
 
 def redact(obj: Any) -> Any:
@@ -221,8 +227,8 @@ def create_run(
     run_id = run.info.run_id
     try:
         flat = [Param(key, value) for key, value in flatten_params(params).items()]
-        for chunk in _chunks(flat, MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=chunk)
+        for start in range(0, len(flat), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=flat[start : start + MAX_PARAMS_PER_BATCH])
         with tempfile.TemporaryDirectory(prefix="pipeline-config-") as tmp:
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(redact(config_tree), sort_keys=False))
@@ -294,6 +300,7 @@ class RunLogger:
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="mlflow-run-logger", daemon=True)
         self._thread.start()
+        _open_loggers.add(self)
 
     def _already_logged(self, key: str, step: int) -> bool:
         limit = self._resume_from
@@ -349,12 +356,7 @@ class RunLogger:
                     return
                 continue
             try:
-                _with_retries(
-                    lambda b=batch: self._client.log_batch(self.run_id, metrics=b),
-                    "log_batch",
-                    self._retries,
-                    self._backoff,
-                )
+                self._call(self._client.log_batch, self.run_id, metrics=batch)
                 sent, failed = len(batch), 0
             except Exception as exc:  # a tracking outage must not kill training
                 sent, failed = 0, len(batch)
@@ -371,6 +373,11 @@ class RunLogger:
                 self.failed_metrics += failed
                 self._in_flight = 0
                 self._wake.notify_all()
+
+    def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return _with_retries(
+            lambda: method(*args, **kwargs), method.__name__, self._retries, self._backoff
+        )
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send everything queued; True when the queue drained within ``timeout`` seconds."""
@@ -394,6 +401,7 @@ class RunLogger:
         with self._wake:
             self._closed = True
             self._wake.notify_all()
+        _open_loggers.discard(self)
         self._thread.join(timeout=1.0 if drained else 0.0)
         if not drained:
             log.warning("RunLogger for run %s closed with metrics still unsent", self.run_id)
@@ -403,22 +411,12 @@ class RunLogger:
         """Upload a file or directory to the run (synchronous, retried; raises on failure)."""
         if not Path(local_path).exists():
             raise FileNotFoundError(f"log_artifact: {local_path} does not exist")
-        _with_retries(
-            lambda: self._client.log_artifact(self.run_id, local_path, artifact_path),
-            "log_artifact",
-            self._retries,
-            self._backoff,
-        )
+        self._call(self._client.log_artifact, self.run_id, local_path, artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (redacted; synchronous, retried; raises on failure)."""
         run_tags = [RunTag(key, _tag_value(value)) for key, value in redact(dict(tags)).items()]
-        _with_retries(
-            lambda: self._client.log_batch(self.run_id, tags=run_tags),
-            "set_tags",
-            self._retries,
-            self._backoff,
-        )
+        self._call(self._client.log_batch, self.run_id, tags=run_tags)
 
     def __enter__(self) -> RunLogger:
         return self
@@ -533,6 +531,11 @@ def lineage_tags(
     return tags
 
 
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+# Loggers not closed by their owner still send what they queued when the process exits normally.
+_open_loggers: weakref.WeakSet[RunLogger] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loggers() -> None:
+    for logger in list(_open_loggers):
+        logger.close(timeout=10.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -59,6 +61,17 @@ def test_redact_replaces_secret_named_values_recursively_and_url_passwords() -> 
         "Password": None,
     }
     assert CONFIG["data"]["storage_options"]["key"] == SECRETS[0]  # the input is not modified
+
+
+def test_redact_hides_credentials_in_presigned_url_queries() -> None:
+    url = "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA1&X-Amz-Signature=ab12&partNumber=2"
+    assert tracking.redact({"url": url}) == {
+        "url": "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&partNumber=2"
+    }
+    assert tracking.redact("https://acct.blob.core.windows.net/c?sv=2024&sig=zz") == (
+        "https://acct.blob.core.windows.net/c?sv=2024&sig=***"
+    )
+    assert tracking.redact("file:///data/a@b/shards") == "file:///data/a@b/shards"
 
 
 def test_flatten_params_gives_dotted_string_params_within_mlflow_limits() -> None:
@@ -249,3 +262,16 @@ def test_lineage_tags_of_a_finetune_run() -> None:
     }
     with pytest.raises(ValueError, match="teacher"):
         tracking.lineage_tags("teacher")
+
+
+def test_logger_left_open_still_sends_its_queue_when_the_process_exits(uri: str) -> None:
+    run_id = tracking.create_run(uri, "unit", None, {}, "{}\n")
+    script = (
+        "from pipeline.tracking import RunLogger\n"
+        f"logger = RunLogger({uri!r}, {run_id!r}, flush_interval=600.0)\n"
+        "for step in range(7):\n"
+        "    logger.log_metrics({'train/loss': float(step)}, step=step)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(7))
