@@ -39,7 +39,7 @@ class S3Endpoint:
         return {
             "key": CREDENTIALS["AWS_ACCESS_KEY_ID"],
             "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"},
+            "client_kwargs": {"endpoint_url": self.endpoint_url},
         }
 
     @property
