@@ -18,8 +18,16 @@ from tests.unit.test_data_support import IndexedSource
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = dict(batch_size=4, batches_per_epoch=5, world_size=2, num_workers=2, resolution=24,
-             randaugment_layers=2, randaugment_magnitude=5, shuffle_buffer=8)  # fmt: skip
+TRAIN = dict(
+    batch_size=4,
+    batches_per_epoch=5,
+    world_size=2,
+    num_workers=2,
+    resolution=24,
+    randaugment_layers=2,
+    randaugment_magnitude=5,
+    shuffle_buffer=8,
+)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -37,8 +45,15 @@ def _labels(loader) -> list[int]:
 
 def test_write_inspect_read(place, tmp_path, capsys):
     url, options = place
-    write_shards(IndexedSource(60), url, samples_per_shard=8, val_samples=18, seed=0,
-                 storage_options=options, progress=False)  # fmt: skip
+    write_shards(
+        IndexedSource(60),
+        url,
+        samples_per_shard=8,
+        val_samples=18,
+        seed=0,
+        storage_options=options,
+        progress=False,
+    )
     # inspect finds the endpoint through the standard environment (AWS_ENDPOINT_URL)
     assert shards.main(["inspect", url, "--verify", "--grid", str(tmp_path / "g.png")]) == 0
     out = capsys.readouterr().out
@@ -47,8 +62,15 @@ def test_write_inspect_read(place, tmp_path, capsys):
 
     validation = []
     for rank in range(2):
-        loader = make_eval_loader(url, batch_size=4, rank=rank, world_size=2, num_workers=2,
-                                  resolution=24, storage_options=options)  # fmt: skip
+        loader = make_eval_loader(
+            url,
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            resolution=24,
+            storage_options=options,
+        )
         labels = _labels(loader)
         assert len(labels) == 9 and loader.skipped() == 0
         validation += labels
@@ -57,8 +79,9 @@ def test_write_inspect_read(place, tmp_path, capsys):
 
     runs = {}
     for rank, epoch in ((0, 0), (1, 0), (0, 0), (0, 1)):
-        loader = make_train_loader(url, **TRAIN, rank=rank, epoch=epoch, seed=5,
-                                   storage_options=options)  # fmt: skip
+        loader = make_train_loader(
+            url, **TRAIN, rank=rank, epoch=epoch, seed=5, storage_options=options
+        )
         batches = list(loader)
         assert len(batches) == 5 and all(b[0].shape == (4, 3, 24, 24) for b in batches)
         assert not set(_labels(batches)) & set(validation)
@@ -72,14 +95,36 @@ def test_write_inspect_read(place, tmp_path, capsys):
 
 def test_cli_write_to_s3_gives_the_bytes_of_a_local_write(s3_endpoint, tmp_path):
     url = s3_endpoint.url("shapes-cli")
-    options = ["--num-samples", "40", "--resolution", "32", "--samples-per-shard", "16",
-               "--val-samples", "8", "--seed", "2", "--quiet"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "pipeline.shards", "write", "shapes", url,
-                             *options], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    options = [
+        "--num-samples",
+        "40",
+        "--resolution",
+        "32",
+        "--samples-per-shard",
+        "16",
+        "--val-samples",
+        "8",
+        "--seed",
+        "2",
+        "--quiet",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.shards", "write", "shapes", url, *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     local = tmp_path / "shapes"
-    write_shards(shapes(40, 32, seed=2), str(local), samples_per_shard=16, val_samples=8, seed=2,
-                 progress=False)  # fmt: skip
+    write_shards(
+        shapes(40, 32, seed=2),
+        str(local),
+        samples_per_shard=16,
+        val_samples=8,
+        seed=2,
+        progress=False,
+    )
     remote = {u.rsplit("/", 1)[-1]: read_bytes(u) for u in list_urls(url)}
     assert remote == {p.name: p.read_bytes() for p in local.iterdir()}
     assert len(remote) == 5  # 2 train shards, 1 validation shard, _info.json, _write_plan.json

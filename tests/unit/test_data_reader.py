@@ -11,16 +11,18 @@ import torch
 from pipeline.data import StorageError, make_eval_loader, make_train_loader, write_shards
 from tests.unit.test_data_support import IndexedSource, jpeg_bytes, tar_bytes, write_info
 
-TRAIN = dict(batch_size=4, resolution=24, randaugment_layers=2, randaugment_magnitude=5,
-             shuffle_buffer=16)  # fmt: skip
+TRAIN = dict(
+    batch_size=4, resolution=24, randaugment_layers=2, randaugment_magnitude=5, shuffle_buffer=16
+)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[str, set[int], set[int]]:
     """90 samples labelled by index: train 70 in 9 shards, validation 20 in 3 shards."""
     url = f"file://{tmp_path_factory.mktemp('indexed')}"
-    info = write_shards(IndexedSource(90), url, samples_per_shard=8, val_samples=20, seed=0,
-                        progress=False)  # fmt: skip
+    info = write_shards(
+        IndexedSource(90), url, samples_per_shard=8, val_samples=20, seed=0, progress=False
+    )
     labels = {}
     for name, split in info.splits.items():
         labels[name] = set()
@@ -33,8 +35,9 @@ def dataset(tmp_path_factory) -> tuple[str, set[int], set[int]]:
 
 
 def _train(url: str, **overrides) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    arguments = dict(TRAIN, batches_per_epoch=6, rank=0, world_size=1, epoch=0, seed=7,
-                     num_workers=0)  # fmt: skip
+    arguments = dict(
+        TRAIN, batches_per_epoch=6, rank=0, world_size=1, epoch=0, seed=7, num_workers=0
+    )
     arguments.update(overrides)
     return list(make_train_loader(url, **arguments))
 
@@ -50,8 +53,9 @@ def test_validation_yields_every_sample_once_across_2_ranks_x_2_workers(dataset)
     url, _, validation = dataset
     per_rank = []
     for rank in range(2):
-        loader = make_eval_loader(url, batch_size=3, rank=rank, world_size=2, num_workers=2,
-                                  resolution=24)  # fmt: skip
+        loader = make_eval_loader(
+            url, batch_size=3, rank=rank, world_size=2, num_workers=2, resolution=24
+        )
         labels = [int(x) for images, batch in loader for x in batch]
         assert all(images.shape[1:] == (3, 24, 24) for images, _ in loader)
         per_rank.append(labels)
@@ -64,13 +68,23 @@ def test_training_gives_every_rank_the_same_number_of_batches(dataset):
     url, train, _ = dataset
     for world_size, workers in ((2, 2), (3, 2)):
         for rank in range(world_size):
-            batches = _train(url, rank=rank, world_size=world_size, num_workers=workers,
-                             batches_per_epoch=7)  # fmt: skip
+            batches = _train(
+                url, rank=rank, world_size=world_size, num_workers=workers, batches_per_epoch=7
+            )
             assert len(batches) == 7
             assert all(images.shape == (4, 3, 24, 24) for images, _ in batches)
             assert {int(x) for _, labels in batches for x in labels} <= train
-    loader = make_train_loader(url, **TRAIN, batches_per_epoch=5, rank=0, world_size=1, epoch=0,
-                               seed=1, num_workers=0, start_batch=2)  # fmt: skip
+    loader = make_train_loader(
+        url,
+        **TRAIN,
+        batches_per_epoch=5,
+        rank=0,
+        world_size=1,
+        epoch=0,
+        seed=1,
+        num_workers=0,
+        start_batch=2,
+    )
     assert len(loader) == 3
 
 
@@ -99,8 +113,9 @@ def test_each_epoch_covers_the_data_like_a_permutation(dataset):
     # 70 samples, 2 ranks x 1 worker, 35 samples each: disjoint shards within a pass.
     seen = []
     for rank in range(2):
-        batches = _train(url, rank=rank, world_size=2, batch_size=5, batches_per_epoch=6,
-                         shuffle_buffer=0)  # fmt: skip
+        batches = _train(
+            url, rank=rank, world_size=2, batch_size=5, batches_per_epoch=6, shuffle_buffer=0
+        )
         seen += [int(x) for _, labels in batches for x in labels]
     assert len(seen) == 60 and len(set(seen)) == 60 and set(seen) <= train
 
@@ -128,15 +143,21 @@ def _handmade(directory) -> str:
 
 
 GOOD_LABELS = [0, 2, 4, 7, 11, 13, 14, 15, 20, 21, 22, 23]
-EXPECTED_SKIPS = {"corrupt_image": 2, "missing_image": 1, "missing_label": 3,
-                  "truncated_shard": 1, "low_resolution_decode": 0}  # fmt: skip
+EXPECTED_SKIPS = {
+    "corrupt_image": 2,
+    "missing_image": 1,
+    "missing_label": 3,
+    "truncated_shard": 1,
+    "low_resolution_decode": 0,
+}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_samples_are_skipped_and_counted_exactly(tmp_path, workers):
     url = _handmade(tmp_path)
-    loader = make_eval_loader(url, batch_size=5, rank=0, world_size=1, num_workers=workers,
-                              resolution=16)  # fmt: skip
+    loader = make_eval_loader(
+        url, batch_size=5, rank=0, world_size=1, num_workers=workers, resolution=16
+    )
     labels = sorted(int(x) for _, batch in loader for x in batch)
     assert labels == GOOD_LABELS
     assert loader.skipped_by_reason() == EXPECTED_SKIPS
@@ -145,8 +166,17 @@ def test_bad_samples_are_skipped_and_counted_exactly(tmp_path, workers):
 
 def test_resume_skips_the_same_bad_samples(tmp_path):
     url = _handmade(tmp_path)
-    arguments = dict(TRAIN, batch_size=3, batches_per_epoch=9, rank=0, world_size=1, epoch=2,
-                     seed=3, num_workers=2, shuffle_buffer=4)  # fmt: skip
+    arguments = dict(
+        TRAIN,
+        batch_size=3,
+        batches_per_epoch=9,
+        rank=0,
+        world_size=1,
+        epoch=2,
+        seed=3,
+        num_workers=2,
+        shuffle_buffer=4,
+    )
     uninterrupted = list(make_train_loader(url, **arguments))
     for start in (2, 7):
         resumed = list(make_train_loader(url, **arguments, start_batch=start))
@@ -162,8 +192,7 @@ def test_missing_dataset_names_the_url(tmp_path):
 def test_missing_shard_names_the_shard(tmp_path):
     url = _handmade(tmp_path)
     (tmp_path / "b.tar").unlink()
-    loader = make_eval_loader(url, batch_size=2, rank=0, world_size=1, num_workers=0,
-                              resolution=16)  # fmt: skip
+    loader = make_eval_loader(url, batch_size=2, rank=0, world_size=1, num_workers=0, resolution=16)
     with pytest.raises(StorageError, match="b.tar: does not exist"):
         list(loader)
 
@@ -172,8 +201,8 @@ def test_pipe_urls_need_allow_pipe(dataset):
     url, _, validation = dataset
     template = f"pipe:cat {url[len('file://') :]}/{{path}}"
     with pytest.raises(StorageError, match="allow_pipe"):
-        make_eval_loader(template, batch_size=4, rank=0, world_size=1, num_workers=0,
-                         resolution=16)  # fmt: skip
-    loader = make_eval_loader(template, batch_size=4, rank=0, world_size=1, num_workers=0,
-                              resolution=16, allow_pipe=True)  # fmt: skip
+        make_eval_loader(template, batch_size=4, rank=0, world_size=1, num_workers=0, resolution=16)
+    loader = make_eval_loader(
+        template, batch_size=4, rank=0, world_size=1, num_workers=0, resolution=16, allow_pipe=True
+    )
     assert sorted(int(x) for _, batch in loader for x in batch) == sorted(validation)

@@ -27,13 +27,22 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def test_layout_counts_and_info(tmp_path):
-    info = write_shards(IndexedSource(50), f"file://{tmp_path}", samples_per_shard=16,
-                        val_samples=10, seed=3, progress=False)  # fmt: skip
+    info = write_shards(
+        IndexedSource(50),
+        f"file://{tmp_path}",
+        samples_per_shard=16,
+        val_samples=10,
+        seed=3,
+        progress=False,
+    )
     assert sorted(os.listdir(tmp_path)) == [
-        "_info.json", "_write_plan.json",
-        "indexed-train-000000.tar", "indexed-train-000001.tar", "indexed-train-000002.tar",
+        "_info.json",
+        "_write_plan.json",
+        "indexed-train-000000.tar",
+        "indexed-train-000001.tar",
+        "indexed-train-000002.tar",
         "indexed-validation-000000.tar",
-    ]  # fmt: skip
+    ]
     assert info.split("train").shard_lengths == (16, 16, 8)
     assert info.split("validation").shard_lengths == (10,)
     document = json.loads((tmp_path / "_info.json").read_text())
@@ -55,8 +64,9 @@ def test_layout_counts_and_info(tmp_path):
 def test_timm_webdataset_reader_reads_the_shards(tmp_path):
     from timm.data.readers.reader_wds import ReaderWds
 
-    write_shards(IndexedSource(30), str(tmp_path), samples_per_shard=8, val_samples=12,
-                 progress=False)  # fmt: skip
+    write_shards(
+        IndexedSource(30), str(tmp_path), samples_per_shard=8, val_samples=12, progress=False
+    )
     reader = ReaderWds(str(tmp_path), split="validation", is_training=False)
     labels = sorted(int(target) for _, target in reader)
     info = read_info(str(tmp_path))
@@ -66,12 +76,24 @@ def test_timm_webdataset_reader_reads_the_shards(tmp_path):
 
 def test_same_source_and_seed_give_byte_identical_shards(tmp_path):
     for name in ("a", "b"):
-        write_shards(shapes(40, 24, seed=1), str(tmp_path / name), samples_per_shard=7,
-                     val_samples=5, seed=9, progress=False)  # fmt: skip
+        write_shards(
+            shapes(40, 24, seed=1),
+            str(tmp_path / name),
+            samples_per_shard=7,
+            val_samples=5,
+            seed=9,
+            progress=False,
+        )
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert len(first) == 8 and first == second  # 5 + 1 shards, 2 json files
-    write_shards(shapes(40, 24, seed=1), str(tmp_path / "c"), samples_per_shard=7,
-                 val_samples=5, seed=10, progress=False)  # fmt: skip
+    write_shards(
+        shapes(40, 24, seed=1),
+        str(tmp_path / "c"),
+        samples_per_shard=7,
+        val_samples=5,
+        seed=10,
+        progress=False,
+    )
     assert _files(tmp_path / "c")["shapes-train-000000.tar"] != first["shapes-train-000000.tar"]
 
 
@@ -91,21 +113,40 @@ def test_rerun_rewrites_only_missing_shards(tmp_path):
 
 
 def test_rerun_with_other_parameters_is_refused(tmp_path):
-    write_shards(IndexedSource(20), str(tmp_path), samples_per_shard=10, val_samples=4,
-                 progress=False)  # fmt: skip
+    write_shards(
+        IndexedSource(20), str(tmp_path), samples_per_shard=10, val_samples=4, progress=False
+    )
     with pytest.raises(WriteConflict, match=str(tmp_path)):
-        write_shards(IndexedSource(20), str(tmp_path), samples_per_shard=5, val_samples=4,
-                     progress=False)  # fmt: skip
+        write_shards(
+            IndexedSource(20), str(tmp_path), samples_per_shard=5, val_samples=4, progress=False
+        )
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.shards", *args], cwd=cwd or REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.shards", *args],
+        cwd=cwd or REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_killed_write_resumes_to_the_same_shards(tmp_path):
-    args = ["shapes", "--num-samples", "600", "--resolution", "96", "--samples-per-shard", "20",
-            "--val-samples", "40", "--seed", "4", "--quiet"]  # fmt: skip
+    args = [
+        "shapes",
+        "--num-samples",
+        "600",
+        "--resolution",
+        "96",
+        "--samples-per-shard",
+        "20",
+        "--val-samples",
+        "40",
+        "--seed",
+        "4",
+        "--quiet",
+    ]
     killed = tmp_path / "killed"
     process = _cli("write", args[0], str(killed), *args[1:])
     deadline = time.monotonic() + 60
