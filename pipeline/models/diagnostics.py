@@ -78,25 +78,46 @@ def expected_variances(model: NFNet) -> list[float]:
     return expected
 
 
+def blockwise_noise(
+    model: NFNet, batch: int, size: int, cell: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Unit Gaussian body input (the stem's output shape), constant on aligned square cells.
+
+    DM's bookkeeping assumes the 2x2 average-pool shortcut keeps the variance; that holds for
+    signals smooth at the pooling scale, not for white noise (a mean of 4 independent values has
+    1/4 of the variance). Cells of 2**num_stages pixels keep every stage's pooling windows inside
+    one cell, so the measured stream can be compared with the bookkeeping.
+    """
+    cell = cell or 2 ** len(model.variant.depths)
+    if size % cell:
+        raise ValueError(f"size {size} must be a multiple of the cell size {cell}")
+    channels = model.variant.stem_widths[-1]
+    noise = torch.randn(batch, channels, size // cell, size // cell, generator=generator)
+    return noise.repeat_interleave(cell, dim=2).repeat_interleave(cell, dim=3)
+
+
 @torch.no_grad()
 def signal_propagation(
-    model: NFNet, images: torch.Tensor, skip_gain: float = 1.0
+    model: NFNet, inputs: torch.Tensor, skip_gain: float = 1.0
 ) -> list[BlockSignal]:
     """Per-block average channel squared mean and variance of the residual stream.
 
-    The skip gains are set to ``skip_gain`` during the measurement (their init value 0 would hide
-    every residual branch); the NF-ResNet paper's plots have no SkipInit, i.e. a gain of 1.
+    ``inputs`` are images (3 channels; entry 0 is then the stem output) or a body input with the
+    stem's output channels (entry 0 is that input). The skip gains are set to ``skip_gain`` while
+    measuring: their init value 0 would hide every residual branch, and the NF-ResNet paper's
+    plots have no SkipInit gain (i.e. a gain of 1).
     """
-    outputs: list[torch.Tensor] = []
-    modules: list[nn.Module] = [model.stem, *model.blocks]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in modules]
+    streams: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: streams.append(out)) for b in model.blocks]
     saved = [block.skip_gain.detach().clone() for block in model.blocks]
     was_training = model.training
     try:
         for block in model.blocks:
             block.skip_gain.fill_(skip_gain)
         model.eval()
-        model.blocks(model.stem(images))
+        body_input = model.stem(inputs) if inputs.shape[1] == 3 else inputs
+        streams.append(body_input)
+        model.blocks(body_input)
     finally:
         for hook in hooks:
             hook.remove()
@@ -104,7 +125,7 @@ def signal_propagation(
             block.skip_gain.copy_(gain)
         model.train(was_training)
     signals = []
-    for i, (out, expected) in enumerate(zip(outputs, expected_variances(model), strict=True)):
+    for i, (out, expected) in enumerate(zip(streams, expected_variances(model), strict=True)):
         # Statistics per channel over (batch, height, width), then averaged over channels.
         var, mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
         signals.append(BlockSignal(i, mean.square().mean().item(), var.mean().item(), expected))
