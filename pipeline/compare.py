@@ -150,16 +150,18 @@ def _downstream_runs(comparison: Comparison, views: list[RunView]) -> list[RunVi
     """Finetune and scratch runs: the selected ones plus those tagged with a selected pretrain."""
     chosen = {view.run_id: view for view in views if view.kind in ("finetune", "scratch")}
     pretrain_ids = [view.run_id for view in views if view.kind == "pretrain"]
-    if pretrain_ids:
-        experiments = comparison.all_experiment_ids()
-        for run_id in pretrain_ids:
-            for view in comparison.search(experiments, f"tags.`{TAG_PRETRAIN_RUN}` = '{run_id}'"):
-                chosen.setdefault(view.run_id, view)
-        tasks = {view.tag(TAG_TASK) for view in chosen.values() if view.tag(TAG_TASK)}
-        for task in sorted(tasks):
-            scratch_filter = f"tags.`{TAG_KIND}` = 'scratch' and tags.`{TAG_TASK}` = '{task}'"
-            for view in comparison.search(experiments, scratch_filter):
-                chosen.setdefault(view.run_id, view)
+    if not pretrain_ids and not chosen:
+        return []
+    experiments = comparison.all_experiment_ids()
+    for run_id in pretrain_ids:
+        for view in comparison.search(experiments, f"tags.`{TAG_PRETRAIN_RUN}` = '{run_id}'"):
+            chosen.setdefault(view.run_id, view)
+    tasks = {view.tag(TAG_TASK) for view in chosen.values() if view.tag(TAG_TASK)}
+    for task in sorted(tasks):
+        quoted = f'"{task}"' if "'" in task else f"'{task}'"  # MLflow filters have no escapes
+        scratch_filter = f"tags.`{TAG_KIND}` = 'scratch' and tags.`{TAG_TASK}` = {quoted}"
+        for view in comparison.search(experiments, scratch_filter):
+            chosen.setdefault(view.run_id, view)
     return list(chosen.values())
 
 

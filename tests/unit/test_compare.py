@@ -122,6 +122,17 @@ def test_compare_by_experiment_skips_plots_without_data(
     assert not (tmp_path / "loss.png").exists()
 
 
+def test_comparing_one_finetune_run_finds_its_scratch_baseline(
+    logged: dict[str, str], tmp_path: Path
+) -> None:
+    comparison = compare.Comparison(logged["uri"])
+    finetune_filter = "tags.`pipeline.task` = 'digits' and tags.`pipeline.pretrain_step` = '20'"
+    (finetune,) = comparison.search(comparison.all_experiment_ids(), finetune_filter)
+    result = compare.compare_runs(logged["uri"], [finetune.run_id], out_dir=tmp_path, quiet=True)
+    assert result["plots"]["downstream.png"] == {"digits": 1, "digits scratch": 1}
+    assert result["plots"]["finetune_vs_scratch.png"] == {"finetuned": 1, "scratch": 1}
+
+
 def test_unknown_run_experiment_or_database_exits_2(
     logged: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
