@@ -109,7 +109,7 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _param_key(key: str) -> str:
+def _safe_key(key: str) -> str:
     return _KEY_FORBIDDEN.sub("_", key)[:MAX_KEY_CHARS]
 
 
@@ -130,7 +130,7 @@ def flatten_params(config_dict: Mapping[str, Any]) -> dict[str, str]:
             if isinstance(value, Mapping) and value:
                 walk(value, f"{name}.")
             else:
-                flat[_param_key(name)] = _param_value({} if isinstance(value, Mapping) else value)
+                flat[_safe_key(name)] = _param_value({} if isinstance(value, Mapping) else value)
 
     walk(redact(config_dict), "")
     return flat
@@ -317,7 +317,8 @@ class RunLogger:
                 self.dropped_resumed += 1
                 continue
             try:
-                batch.append(Metric(key, float(value), timestamp, int(step)))
+                # A key MLflow rejects would make the server refuse the whole batch.
+                batch.append(Metric(_safe_key(key), float(value), timestamp, int(step)))
             except (TypeError, ValueError) as exc:
                 log.warning("metric %r at step %s is not a number (%s); not logged", key, step, exc)
         with self._wake:

@@ -226,11 +226,13 @@ def test_run_logger_survives_an_unreachable_server(
     assert sum(int(r.getMessage().split("; ")[1].split()[0]) for r in lost) == 30
 
 
-def test_run_logger_skips_values_that_are_not_numbers(uri: str) -> None:
+def test_run_logger_skips_non_numbers_and_renames_keys_mlflow_rejects(uri: str) -> None:
     run_id = tracking.create_run(uri, "unit", None, {}, "{}\n")
     with tracking.RunLogger(uri, run_id) as logger:
-        logger.log_metrics({"train/loss": "nan-ish", "train/lr": torch.tensor(0.5)}, step=0)
-    assert MlflowClient(uri).get_run(run_id).data.metrics == {"train/lr": 0.5}
+        metrics = {"train/loss": "nan-ish", "train/lr": torch.tensor(0.5), "top1@ema": 0.25}
+        logger.log_metrics(metrics, step=0)
+    assert logger.failed_metrics == 0
+    assert MlflowClient(uri).get_run(run_id).data.metrics == {"train/lr": 0.5, "top1_ema": 0.25}
 
 
 def test_check_tracking_uri_names_the_unusable_uri(tmp_path: Path) -> None:
