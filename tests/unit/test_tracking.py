@@ -277,3 +277,18 @@ def test_logger_left_open_still_sends_its_queue_when_the_process_exits(uri: str)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(7))
+
+
+def test_logger_sets_redacted_tags_and_uploads_artifacts(uri: str, tmp_path: Path) -> None:
+    run_id = tracking.create_run(uri, "unit", None, {}, "{}\n")
+    report = tmp_path / "report.txt"
+    report.write_text("42\n")
+    with tracking.RunLogger(uri, run_id) as logger:
+        logger.set_tags({"pipeline.note": "resumed", "db_password": SECRETS[3]})
+        logger.log_artifact(str(report), "reports")
+        with pytest.raises(FileNotFoundError, match="missing.txt"):
+            logger.log_artifact(str(tmp_path / "missing.txt"))
+    client = MlflowClient(uri)
+    tags = client.get_run(run_id).data.tags
+    assert (tags["pipeline.note"], tags["db_password"]) == ("resumed", "***")
+    assert [f.path for f in client.list_artifacts(run_id, "reports")] == ["reports/report.txt"]
