@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pipeline.models.layers import WSConv2d
 from pipeline.models.nfnet import NFBlock, NFNet
@@ -85,10 +84,11 @@ def blockwise_noise(
 
     DM's bookkeeping assumes the 2x2 average-pool shortcut keeps the variance; that holds for
     signals smooth at the pooling scale, not for white noise (a mean of 4 independent values has
-    1/4 of the variance). Cells of 2**num_stages pixels keep every stage's pooling windows inside
-    one cell, so the measured stream can be compared with the bookkeeping.
+    1/4 of the variance). Cells of 2**num_stages pixels or more keep every pooling window inside
+    one cell; the default (2**(num_stages + 1)) also leaves the 3x3 convs' smearing at cell
+    borders a small share, so the measured stream can be compared with the bookkeeping.
     """
-    cell = cell or 2 ** len(model.variant.depths)
+    cell = cell or 2 ** (len(model.variant.depths) + 1)
     if size % cell:
         raise ValueError(f"size {size} must be a multiple of the cell size {cell}")
     channels = model.variant.stem_widths[-1]
