@@ -162,8 +162,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             urllib.request.urlopen(health, timeout=timeout).close()
         except (urllib.error.URLError, OSError) as exc:
             raise TrackingError(
-                f"MLflow tracking server {uri} does not answer ({exc}); start it or set "
-                "tracking.uri to a reachable server (or sqlite:///mlflow.db for a local file)"
+                f"MLflow tracking server {uri} does not answer ({exc}); start it, or use a "
+                "reachable server or a local file (sqlite:///mlflow.db) as the tracking URI"
             ) from None
         return
     path = _sqlite_path(uri)
