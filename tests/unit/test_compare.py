@@ -111,6 +111,7 @@ def test_downstream_groups_the_final_top1_by_pretraining_step(logged: dict[str, 
 def test_compare_by_experiment_skips_plots_without_data(
     logged: dict[str, str], tmp_path: Path
 ) -> None:
+    (tmp_path / "loss.png").write_bytes(PNG_MAGIC)  # left over from an earlier comparison
     result = compare.compare_runs(
         logged["uri"], experiment="finetune", out_dir=tmp_path, quiet=True
     )
