@@ -1,9 +1,9 @@
 """Adaptive Gradient Clipping (Brock et al. 2021, §4) and the SGD that applies it (DM optim.py).
 
-Every clip here is computed the same way, vectorised over all parameters: one per-unit norm per
-tensor (no host syncs), the norms of all tensors concatenated into one flat vector, the clip
-factors computed on that vector in a handful of ops, then split back into per-tensor views that
-multiply the gradients in place. Nothing in ``SGD_AGC.step`` reads a value back to the host.
+Every clip here is computed the same way, vectorised over parameters: one per-unit norm per
+tensor (no host syncs), the norms of a bucket of tensors concatenated into one flat vector, the
+clip factors computed on that vector in a handful of ops, then split back into per-tensor views
+that multiply the gradients in place. Nothing in ``SGD_AGC.step`` reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ GRAD_NORM_FLOOR = 1e-6
 DEFAULT_WEIGHT_DECAY = 2e-5
 DEFAULT_CLIPPING = 0.01
 DEFAULT_MOMENTUM = 0.9
+# Gradient bytes per clip bucket on CPU: small enough to stay in a 32 MiB L3 between the norm
+# pass and the scaling pass (measured on the 2-core dev box: 4 MiB beat 1 and 16 MiB).
+_CPU_BUCKET_BYTES = 4 << 20
 
 
 def _is_vector(tensor: torch.Tensor) -> bool:
@@ -62,7 +65,27 @@ def _flat_unit_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(norms)
 
 
-def _clip_in_place(
+def _buckets(grads: list[torch.Tensor]) -> list[range]:
+    """Consecutive index ranges holding about ``_CPU_BUCKET_BYTES`` of gradient each on CPU.
+
+    On CPU a bucket's gradients are still in cache when they are scaled right after their norms
+    were taken, which saves one pass over memory; accelerators take everything in one bucket
+    (fewest kernel launches).
+    """
+    if not grads or grads[0].device.type != "cpu":
+        return [range(len(grads))]
+    buckets, start, size = [], 0, 0
+    for index, grad in enumerate(grads):
+        size += grad.numel() * grad.element_size()
+        if size >= _CPU_BUCKET_BYTES:
+            buckets.append(range(start, index + 1))
+            start, size = index + 1, 0
+    if start < len(grads):
+        buckets.append(range(start, len(grads)))
+    return buckets
+
+
+def _clip_bucket(
     params: list[torch.Tensor], grads: list[torch.Tensor], clipping: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Clip ``grads`` in place; return (squared raw grad norm, clipped unit count, unit count)."""
@@ -81,6 +104,21 @@ def _clip_in_place(
         rows = grad.view(1, -1) if _is_vector(grad) else grad.view(grad.shape[0], -1)
         rows.mul_(scale.to(grad.dtype).unsqueeze(1))
     return grad_norms.square().sum(), clipped.sum(), len(scales)
+
+
+def _clip_in_place(
+    params: list[torch.Tensor], grads: list[torch.Tensor], clipping: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Clip ``grads`` in place bucket by bucket; return the totals of ``_clip_bucket``."""
+    squares, clipped, units = [], [], 0
+    for bucket in _buckets(grads):
+        bucket_params = [params[i] for i in bucket]
+        bucket_grads = [grads[i] for i in bucket]
+        square, count, n = _clip_bucket(bucket_params, bucket_grads, clipping, eps)
+        squares.append(square)
+        clipped.append(count)
+        units += n
+    return torch.stack(squares).sum(), torch.stack(clipped).sum(), units
 
 
 def _check_grads(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
