@@ -9,6 +9,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    _RGB = ImageReadMode.RGB
+except ImportError:  # pragma: no cover - newer torchvision without image decoding
+    decode_jpeg = None
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # PIL refuses images above ~179 Mpx as a decompression-bomb guard; a 16k x 16k photo is the
@@ -58,30 +65,63 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def check_image(data: bytes) -> torch.Tensor:
-    """Decode ``data`` cheaply (JPEGs at 1/8 scale) to RGB uint8 (3, h, w), or CorruptImage.
+def _jpeg_scan_start(data: bytes) -> int:
+    """Offset of the first entropy-coded scan: walks the marker segments after SOI."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            raise CorruptImage(f"no JPEG marker at byte {position}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+        else:
+            end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+            if marker == 0xDA:  # SOS: the scan data follows its header
+                return end
+            position = end
+    raise CorruptImage("JPEG ends before its first scan")
 
-    libjpeg still walks every entropy-coded block at 1/8 scale, so truncation and broken
-    headers are caught exactly as a full decode would catch them, at a fraction of the cost.
+
+def check_image(data: bytes) -> None:
+    """Raise CorruptImage unless ``data`` looks decodable, without decoding JPEG pixels.
+
+    JPEG: the header must parse and an EOI marker must follow the first scan, which catches
+    truncation and broken headers at ~1/20 of a decode's cost (inside scan data 0xFF is always
+    stuffed, so a later FF D9 can only be an EOI). Other formats are decoded in full.
     """
     try:
         image = _open(data)
         if image.format == "JPEG":
-            image.draft(image.mode, (1, 1))
-        image.load()
-        array = np.asarray(to_rgb(image))
+            if data.rfind(b"\xff\xd9") < _jpeg_scan_start(data):
+                raise CorruptImage("JPEG without an end-of-image marker (truncated?)")
+        else:
+            image.load()
+            to_rgb(image)
+    except CorruptImage:
+        raise
     except Exception as exc:
         raise CorruptImage(f"{type(exc).__name__}: {exc}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
     """Decode ``data`` to an RGB uint8 tensor of shape (3, H, W); CorruptImage if it can't."""
+    if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":
+        try:
+            # libjpeg-turbo straight into a tensor: ~25 % faster than PIL + a copy here.
+            # torchvision 0.29 deprecates it for TorchCodec (not a dependency); it is pinned, and
+            # PIL takes over if it ever disappears.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return decode_jpeg(encoded, mode=_RGB)
+        except RuntimeError:
+            pass  # unusual JPEG flavours (e.g. 12-bit): PIL below
     try:
         image = _open(data)
         image.load()
-        rgb = to_rgb(image)
-        array = np.asarray(rgb)
+        array = np.asarray(to_rgb(image))
     except Exception as exc:
         raise CorruptImage(f"{type(exc).__name__}: {exc}") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1)

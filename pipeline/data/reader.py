@@ -35,6 +35,7 @@ from pipeline.data.transforms import eval_transform, normalize_batch, train_tran
 # Distinct streams of randomness derived from the same user seed.
 _SHARD_ORDER, _SHUFFLE, _AUGMENT = 0x5A4D, 0x5B5F, 0x5C6E
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
+BLANK_RGB = (124, 116, 104)  # ImageNet mean colour: normalises to ~0
 
 
 def shard_sequence(
@@ -88,16 +89,17 @@ def _labelled(samples: Iterator[dict], num_classes: int, counter: SkipCounter) -
 def _decode(data: bytes, counter: SkipCounter) -> torch.Tensor | None:
     """RGB uint8 tensor of a sample that passes ``check_image``; None (counted) if it fails."""
     try:
-        small = check_image(data)
+        check_image(data)
     except CorruptImage:
         counter.add("corrupt_image")
         return None
     try:
         return decode_rgb(data)
     except CorruptImage:
-        # The check decoded it at 1/8 scale: use that rather than shift every later batch.
-        counter.add("low_resolution_decode")
-        return small
+        # Passed the check, failed the decode (rare: broken scan data). Dropping it would shift
+        # every later batch of a resumed stream, so it is kept as a blank (mean-grey) image.
+        counter.add("blank_substitute")
+        return torch.tensor(BLANK_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8).clone()
 
 
 def _sample_seed(*parts: int) -> int:
@@ -181,10 +183,11 @@ class TrainStream(IterableDataset):
             if image is None:
                 continue
             seed = _sample_seed(self.seed, self.epoch, self.rank, stream, position)
-            # Seed the global generator torchvision's transforms draw from, then restore it:
-            # with num_workers=0 this runs in the trainer's process.
+            # Seed the global CPU generator torchvision's transforms draw from, then restore it
+            # (with num_workers=0 this runs in the trainer's process). Not torch.manual_seed:
+            # it also queues a lazy CUDA seeding call with a formatted stack on every call.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 images.append(self.transform(image))
             labels.append(label)
             if len(images) == self.batch_size:

@@ -19,7 +19,7 @@ SKIP_REASONS = (
     "missing_image",  # a sample without a jpg/jpeg/png/webp member (skipped sample)
     "missing_label",  # no .cls member, or not an integer in [0, num_classes) (skipped sample)
     "truncated_shard",  # a tar that ends mid-member: the sample being read is dropped
-    "low_resolution_decode",  # full decode failed after the check passed: the check's 1/8 image
+    "blank_substitute",  # passed the cheap check, failed the decode: a blank image keeps its slot
 )
 OPEN_ATTEMPTS = 5
 OPEN_BACKOFF = 0.5  # seconds, doubled after each failed attempt
@@ -45,7 +45,7 @@ class SkipCounter:
     def skipped_samples(self) -> int:
         """Samples skipped so far (corrupt image, missing image or label, cut by truncation)."""
         counts = self.by_reason()
-        return sum(counts[r] for r in SKIP_REASONS if r != "low_resolution_decode")
+        return sum(counts[r] for r in SKIP_REASONS if r != "blank_substitute")
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> object:

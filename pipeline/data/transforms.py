@@ -67,11 +67,14 @@ class LevelRandAugment(v2.RandAugment):
         self._AUGMENTATION_SPACE = _level_space(level)
 
 
+_MEAN_255 = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+_INVERSE_STD_255 = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised with the ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    inverse_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-    return (images.to(torch.float32) - mean).mul_(inverse_std)
+    # uint8 - float32 promotes to float32 in the same pass: two passes over the batch in all.
+    return torch.sub(images, _MEAN_255).mul_(_INVERSE_STD_255)
 
 
 def _finish(steps: list, normalize: bool) -> Callable:

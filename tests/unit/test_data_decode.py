@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.data.decode import CorruptImage, check_image, decode_rgb
 from pipeline.data.sources import encode_jpeg
-from tests.unit.test_data_support import jpeg_bytes, png_bytes
+from tests.unit.test_data_support import jpeg_bytes, png_bytes, without_segment
 
 
 def _pixel(data: bytes, x: int = 0, y: int = 0) -> list[int]:
@@ -51,12 +51,26 @@ def test_grayscale_jpeg_and_size():
     assert abs(int(image[0, 5, 5]) - 128) <= 1 and torch.equal(image[0], image[2])
 
 
-def test_corrupt_and_truncated_jpegs_fail_the_cheap_check():
+def test_the_cheap_check_rejects_broken_and_truncated_jpegs():
     good = jpeg_bytes(3, 64)
-    assert tuple(check_image(good).shape) == (3, 8, 8)  # 1/8-scale decode of a 64 px image
+    check_image(good)
+    check_image(good + b"trailing bytes after the end-of-image marker")
+    for broken in (b"not an image at all", good[: len(good) // 2], good[:-2], good[:100]):
+        with pytest.raises(CorruptImage):
+            check_image(broken)
+        with pytest.raises(CorruptImage):
+            decode_rgb(broken)
+
+
+def test_a_jpeg_without_quantisation_tables_passes_the_check_but_not_the_decode():
+    broken = without_segment(jpeg_bytes(4, 32), 0xDB)
+    check_image(broken)
     with pytest.raises(CorruptImage):
-        check_image(b"not an image at all")
+        decode_rgb(broken)
+
+
+def test_png_is_checked_by_a_full_decode():
+    data = png_bytes(Image.new("RGB", (8, 8), (1, 2, 3)))
+    check_image(data)
     with pytest.raises(CorruptImage):
-        check_image(good[: len(good) // 2])
-    with pytest.raises(CorruptImage):
-        decode_rgb(good[: len(good) // 2])
+        check_image(data[: len(data) // 2])

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from pipeline.data import StorageError, make_eval_loader, make_train_loader, write_shards
-from tests.unit.test_data_support import IndexedSource, jpeg_bytes, tar_bytes, write_info
+from tests.unit.test_data_support import (
+    IndexedSource,
+    jpeg_bytes,
+    tar_bytes,
+    without_segment,
+    write_info,
+)
 
 TRAIN = dict(
     batch_size=4, resolution=24, randaugment_layers=2, randaugment_magnitude=5, shuffle_buffer=16
@@ -131,6 +137,7 @@ def _handmade(directory) -> str:
     second = [good(f"b{i}", 10 + i) for i in range(6)]
     second[0] = {"__key__": "b0", "cls": b"10"}  # no image
     second[2]["cls"] = b"999"  # not a class
+    second[4]["jpg"] = without_segment(second[4]["jpg"], 0xDB)  # passes the check only
     third = tar_bytes([good(f"c{i}", 20 + i) for i in range(6)])
     with tarfile.open(fileobj=io.BytesIO(third)) as tar:
         cut = tar.getmember("c4.jpg")
@@ -148,7 +155,7 @@ EXPECTED_SKIPS = {
     "missing_image": 1,
     "missing_label": 3,
     "truncated_shard": 1,
-    "low_resolution_decode": 0,
+    "blank_substitute": 1,
 }
 
 
@@ -158,8 +165,9 @@ def test_bad_samples_are_skipped_and_counted_exactly(tmp_path, workers):
     loader = make_eval_loader(
         url, batch_size=5, rank=0, world_size=1, num_workers=workers, resolution=16
     )
-    labels = sorted(int(x) for _, batch in loader for x in batch)
-    assert labels == GOOD_LABELS
+    images = {int(y): x for batch, labels in loader for x, y in zip(batch, labels, strict=True)}
+    assert sorted(images) == GOOD_LABELS
+    assert images[14].abs().max().item() < 0.01  # the undecodable one: a blank, mean-grey image
     assert loader.skipped_by_reason() == EXPECTED_SKIPS
     assert loader.skipped() == 7
 

@@ -75,3 +75,14 @@ def write_info(directory, splits: dict[str, list[tuple[str, int]]], num_classes:
         },
     }
     (directory / "_info.json").write_text(json.dumps(document))
+
+
+def without_segment(jpeg: bytes, marker: int) -> bytes:
+    """``jpeg`` with every header segment of type ``marker`` (e.g. 0xDB, DQT) removed."""
+    out, position = bytearray(jpeg[:2]), 2
+    while jpeg[position + 1] != 0xDA:  # copy header segments up to the first scan
+        end = position + 2 + int.from_bytes(jpeg[position + 2 : position + 4], "big")
+        if jpeg[position + 1] != marker:
+            out += jpeg[position:end]
+        position = end
+    return bytes(out + jpeg[position:])
