@@ -111,7 +111,8 @@ def _haiku_module(model: NFNet, name: str) -> str:
 
 
 def _haiku_tensor(param: str, value: np.ndarray) -> tuple[str, torch.Tensor]:
-    tensor = torch.from_numpy(np.asarray(value, dtype=np.float32))
+    # Writable float32 (torch cannot wrap read-only arrays); a no-op for arrays read from a file.
+    tensor = torch.from_numpy(np.require(value, dtype=np.float32, requirements=["W"]))
     if param == "w" and tensor.ndim == 4:
         return "weight", tensor.permute(3, 2, 0, 1)  # HWIO -> OIHW
     if param == "w" and tensor.ndim == 2:
