@@ -52,10 +52,20 @@ def _units(tensor: torch.Tensor) -> int:
     return 1 if _is_vector(tensor) else tensor.shape[0]
 
 
-def _flat_unit_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-unit norms of every tensor, concatenated into one flat vector (no host sync)."""
+def _flat_unit_norms(tensors: list[torch.Tensor], num_vectors: int) -> torch.Tensor:
+    """Per-unit norms of every tensor, concatenated into one flat vector (no host sync).
+
+    The first ``num_vectors`` tensors are scalars/vectors (one unit each): when they share an
+    fp32/fp64 dtype their norms come from one ``_foreach_norm`` call instead of one call each.
+    """
+    vectors, weights = tensors[:num_vectors], tensors[num_vectors:]
     norms = []
-    for tensor in tensors:
+    dtypes = {vector.dtype for vector in vectors}
+    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+        norms.append(torch.stack(torch._foreach_norm(vectors)))
+    else:
+        weights = tensors
+    for tensor in weights:
         dtype = _norm_dtype(tensor)
         if _is_vector(tensor):
             norms.append(torch.linalg.vector_norm(tensor, dtype=dtype).reshape(1))
@@ -89,8 +99,12 @@ def _clip_bucket(
     params: list[torch.Tensor], grads: list[torch.Tensor], clipping: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Clip ``grads`` in place; return (squared raw grad norm, clipped unit count, unit count)."""
-    param_norms = _flat_unit_norms(params)
-    grad_norms = _flat_unit_norms(grads)
+    # Scalars and vectors first, so their norms can come from one foreach call.
+    order = sorted(range(len(grads)), key=lambda i: not _is_vector(grads[i]))
+    params, grads = [params[i] for i in order], [grads[i] for i in order]
+    num_vectors = sum(_is_vector(grad) for grad in grads)
+    param_norms = _flat_unit_norms(params, num_vectors)
+    grad_norms = _flat_unit_norms(grads, num_vectors)
     # DM optim.py: max_norm = clipping * max(||W_i||, eps); G_i *= max_norm / max(||G_i||, 1e-6)
     # only where ||G_i|| > max_norm.
     max_norms = param_norms.clamp_min(eps).mul_(clipping)
@@ -98,11 +112,19 @@ def _clip_bucket(
     ratio = max_norms / grad_norms.clamp_min(GRAD_NORM_FLOOR)
     scales = torch.where(clipped, ratio, torch.ones_like(ratio))
     sizes = [_units(grad) for grad in grads]
-    for grad, scale in zip(grads, torch.split(scales, sizes), strict=True):
+    targets = range(len(grads))
+    if grads[0].device.type == "cpu":
+        # On CPU reading the per-tensor clip counts costs no device sync, and skipping tensors
+        # without a clipped unit saves a pass over most of the gradient memory.
+        counts = torch.segment_reduce(clipped.float(), "sum", lengths=torch.tensor(sizes))
+        targets = [i for i, count in enumerate(counts.tolist()) if count]
+    per_tensor = torch.split(scales, sizes)
+    for i in targets:
+        grad = grads[i]
+        rows = grad.view(1, -1) if _is_vector(grad) else grad.view(grad.shape[0], -1)
         # A per-tensor in-place multiply by a per-row view: the foreach variant with broadcasting
         # falls back to clone + copy on CPU, twice the memory traffic.
-        rows = grad.view(1, -1) if _is_vector(grad) else grad.view(grad.shape[0], -1)
-        rows.mul_(scale.to(grad.dtype).unsqueeze(1))
+        rows.mul_(per_tensor[i].to(grad.dtype).unsqueeze(1))
     return grad_norms.square().sum(), clipped.sum(), len(scales)
 
 
