@@ -67,14 +67,15 @@ class LevelRandAugment(v2.RandAugment):
         self._AUGMENTATION_SPACE = _level_space(level)
 
 
-_MEAN_255 = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-_INVERSE_STD_255 = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+_SCALE = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+_SHIFT = -torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0 * _SCALE
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised with the ImageNet mean/std."""
-    # uint8 - float32 promotes to float32 in the same pass: two passes over the batch in all.
-    return torch.sub(images, _MEAN_255).mul_(_INVERSE_STD_255)
+    # Convert first, then scale and shift in place: a uint8 - float32 op with type promotion
+    # takes the slow non-vectorised path (30x slower here).
+    return images.to(torch.float32).mul_(_SCALE).add_(_SHIFT)
 
 
 def _finish(steps: list, normalize: bool) -> Callable:

@@ -1,0 +1,79 @@
+"""The shard reader's tar parsing against tar files written by Python's tarfile in every format."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from pipeline.data.shardio import SkipCounter, iter_shard
+
+LONG = "d" * 120 + "/sample.with.dots"
+
+
+def _tar(tmp_path, tar_format: int) -> str:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in (("k1.jpg", b"J" * 700), ("k1.cls", b"3"), (f"{LONG}.cls", b"12"),
+                           ("x/k2.cls", b"5"), ("x/k2.png", b"P" * 513)):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / f"shard-{tar_format}.tar"
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]
+)
+def test_samples_group_members_by_key_in_every_tar_format(tmp_path, tar_format):
+    counter = SkipCounter()
+    samples = list(iter_shard(_tar(tmp_path, tar_format), counter))
+    assert [s["__key__"] for s in samples] == ["k1", "d" * 120 + "/sample", "x/k2"]
+    assert samples[0] == {"__key__": "k1", "jpg": b"J" * 700, "cls": b"3"}
+    assert samples[1]["with.dots.cls"] == b"12"
+    assert samples[2] == {"__key__": "x/k2", "cls": b"5", "png": b"P" * 513}
+    assert counter.by_reason()["truncated_shard"] == 0
+
+
+def _cut(path: str, size: int) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:size])
+
+
+@pytest.mark.parametrize("cut", [0, 100, 512 + 300, 2048 + 512 + 1, 3072])
+def test_a_tar_cut_in_its_first_sample_yields_nothing_and_counts_one(tmp_path, cut):
+    path = _tar(tmp_path, tarfile.GNU_FORMAT)
+    _cut(path, cut)  # 3072: right after k1.cls, but no end-of-archive marker
+    counter = SkipCounter()
+    assert list(iter_shard(path, counter)) == []
+    assert counter.by_reason()["truncated_shard"] == 1
+
+
+def test_a_cut_tar_keeps_the_samples_completed_before_the_cut(tmp_path):
+    path = _tar(tmp_path, tarfile.PAX_FORMAT)
+    with tarfile.open(path) as tar:
+        cut = tar.getmember("x/k2.png").offset_data + 100  # x/k2 is cut: dropped
+    _cut(path, cut)
+    counter = SkipCounter()
+    keys = [sample["__key__"] for sample in iter_shard(path, counter)]
+    assert keys == ["k1", "d" * 120 + "/sample"]
+    assert counter.by_reason()["truncated_shard"] == 1
+
+
+def test_a_damaged_header_counts_as_truncation(tmp_path):
+    path = _tar(tmp_path, tarfile.GNU_FORMAT)
+    data = bytearray(open(path, "rb").read())
+    data[512 + 10] ^= 0xFF  # the name of the first file: checksum no longer matches
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
+    counter = SkipCounter()
+    assert list(iter_shard(path, counter)) == []
+    assert counter.skipped_samples() == 1
