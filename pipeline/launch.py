@@ -125,9 +125,11 @@ def launch(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.tracking import TAG_KIND, end_run
+    from pipeline.tracking import TAG_KIND, end_run, resolve_tracking_uri
     from pipeline.train.trainer import train_loop_per_worker
 
+    # Workers (and Ray jobs) may run in another directory: make a relative sqlite path absolute.
+    config.tracking.uri = resolve_tracking_uri(config.tracking.uri)
     run_name = default_run_name(config, kind, {"tags": tags, "init": init})
     run_id, previous = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
     if previous == "FINISHED":

@@ -4,4 +4,4 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-pytest_plugins = ["tests.fixtures.mlflow_server"]
+pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster"]

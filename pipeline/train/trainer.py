@@ -127,6 +127,7 @@ class Trainer:
     def build_model(self) -> torch.nn.Module:
         """The NFNet of the plan; finetuning starts it from given weights with a new head."""
         plan = self.plan
+        torch.manual_seed(self.config.train.seed)  # the same initial weights on every run
         model = create_model(
             plan.model,
             num_classes=plan.num_classes,

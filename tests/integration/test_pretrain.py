@@ -1,0 +1,243 @@
+"""Distributed pretraining with real components: a Ray head on 127.0.0.1, Ray Train workers
+running DeepSpeed with gloo, shards on disk or on moto's S3 server, MLflow over HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.data import write_shards
+from pipeline.data.sources import shapes
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def small_run_config(tmp_path: Path, name: str, tracking_uri: str, **sections: dict) -> Path:
+    """The demo config, shrunk to ``nfnet_nano`` at 32 px, with ``sections`` merged in."""
+    config = yaml.safe_load(DEMO.read_text())
+    config["model"] = {"name": "nfnet_nano"}
+    config["train"] |= {"global_batch": 16, "micro_batch": 8, "log_every": 1, "eval_every": 5}
+    config["data"] |= {"loader_workers": 1, "shuffle_buffer": 64}
+    config["checkpoint"] |= {"every_steps": 5, "storage_url": f"file://{tmp_path}/runs"}
+    config["tracking"] = {"uri": tracking_uri, "experiment": f"{tmp_path.name}-{name}"}
+    config["scaling"] = {"num_workers": 2, "cpus_per_worker": 1}
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("# test config\n" + yaml.safe_dump(config))
+    return path
+
+
+def pretrain(cluster, config: Path, *overrides: str, env: dict | None = None, timeout=300):
+    """``python -m pipeline.pretrain`` as a driver process joining the session's Ray cluster."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.pretrain", "--config", str(config), *overrides],
+        env=cluster.env(**(env or {})),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def checked(result: subprocess.CompletedProcess) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def final_weights(tmp_path: Path) -> dict:
+    """The raw weights of the newest checkpoint under ``tmp_path/runs``."""
+    latest = sorted((tmp_path / "runs").glob("*/step_*"))[-1]
+    return load_file(latest / "model.safetensors")
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)).item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def shapes_shards(tmp_path_factory) -> str:
+    """Procedural shapes at 32 px on the local disk."""
+    url = f"file://{tmp_path_factory.mktemp('shards')}/shapes"
+    write_shards(
+        shapes(480, 32, seed=0), url, samples_per_shard=100, val_samples=64, progress=False
+    )
+    return url
+
+
+def test_ray_job_submit_runs_the_demo_and_mlflow_holds_the_run(
+    ray_cluster, mlflow_server, shapes_shards, tmp_path
+):
+    config = small_run_config(
+        tmp_path,
+        "job",
+        mlflow_server,
+        data={"train_url": shapes_shards},
+        tracking={"experiment": "job-submit", "registered_model": "nano"},
+        train={"steps": 10},
+    )
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "job", "submit",
+            "--address", ray_cluster.dashboard_url,
+            "--working-dir", str(ROOT),
+            "--", "python", "-m", "pipeline.pretrain", "--config", str(config),
+        ],
+        env=ray_cluster.env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )  # fmt: skip
+    output = checked(result)
+    assert "succeeded" in output.lower()
+    client, run = only_run(mlflow_server, "job-submit")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "nfnet_nano"
+    assert run.data.params["train.global_batch"] == "16"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 11))
+    assert len(client.get_metric_history(run.info.run_id, "val/top1_ema")) == 2  # steps 5, 10
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "weights"} <= artifacts
+    (version,) = client.search_model_versions("name = 'nano'")
+    assert version.run_id == run.info.run_id
+    checkpoints = sorted((tmp_path / "runs").glob("*/step_*"))
+    assert [c.name for c in checkpoints] == ["step_000000005", "step_000000010"]
+    assert {p.name for p in checkpoints[-1].iterdir()} >= {
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    }
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return client, run
+
+
+def test_two_workers_equal_one_worker_accumulating_two_micro_batches(
+    ray_cluster, mlflow_server, tmp_path
+):
+    synthetic = "synthetic://?samples=256&resolution=32&classes=10"
+    common = {
+        "data": {"train_url": synthetic},
+        "optim": {"clipping": 0.01, "lr": 0.4},
+        "train": {"steps": 5, "eval_every": 100},
+    }
+    runs = {}
+    for workers in (2, 1):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        sections = {key: dict(value) for key, value in common.items()}
+        sections["scaling"] = {"num_workers": workers}
+        config = small_run_config(folder, "exact", mlflow_server, **sections)
+        checked(pretrain(ray_cluster, config))
+        runs[workers] = folder
+    # 2 workers × micro 8 × accumulation 1  ==  1 worker × micro 8 × accumulation 2
+    difference = max_relative_difference(final_weights(runs[2]), final_weights(runs[1]))
+    assert difference <= 1e-5
+    client, run = only_run(mlflow_server, "w2-exact")
+    clipped = [
+        m.value for m in client.get_metric_history(run.info.run_id, "train/agc_clip_fraction")
+    ]
+    assert len(clipped) == 5 and min(clipped) > 0  # AGC clipped units at every step
+
+
+def test_resumed_run_equals_uninterrupted_run_on_s3(
+    ray_cluster, mlflow_server, s3_endpoint, tmp_path
+):
+    shards = s3_endpoint.url("resume", "shapes")
+    write_shards(
+        shapes(480, 32, seed=1),
+        shards,
+        samples_per_shard=100,
+        val_samples=64,
+        storage_options=s3_endpoint.storage_options,
+        progress=False,
+    )
+    storage = {"storage_options": s3_endpoint.storage_options}
+    runs = {}
+    for name in ("interrupted", "straight"):
+        runs[name] = small_run_config(
+            tmp_path,
+            name,
+            mlflow_server,
+            data={"train_url": shards, **storage},
+            checkpoint={"storage_url": s3_endpoint.url("runs", name), "every_steps": 4, **storage},
+            train={"steps": 10, "eval_every": 5},
+        )
+    first = checked(pretrain(ray_cluster, runs["interrupted"], "train.stop_after=5"))
+    assert "stopped after step 5" in first
+    second = checked(pretrain(ray_cluster, runs["interrupted"]))
+    assert "resumed from checkpoint at step 5" in second
+    checked(pretrain(ray_cluster, runs["straight"]))
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
+    weights = {}
+    for name in runs:
+        latest = sorted(fs.glob(f"{s3_endpoint.bucket}/runs/{name}/*/step_*"))[-1]
+        assert latest.endswith("step_000000010")
+        local = tmp_path / f"{name}.safetensors"
+        fs.get(f"{latest}/model.safetensors", str(local))
+        weights[name] = load_file(local)
+    assert max_relative_difference(weights["interrupted"], weights["straight"]) <= 1e-6
+
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-interrupted")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 11))  # one run, every step once
+
+
+def _kill_one_worker_after_first_checkpoint(runs: Path, killed: list) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(runs.glob("*/step_*")):
+        time.sleep(0.2)
+    found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    pids = found.stdout.split()
+    if pids:
+        subprocess.run(["kill", "-9", pids[-1]])
+        killed.append(pids[-1])
+
+
+def test_killed_worker_resumes_from_last_checkpoint_and_finishes(
+    ray_cluster, mlflow_server, shapes_shards, tmp_path
+):
+    config = small_run_config(
+        tmp_path,
+        "fault",
+        mlflow_server,
+        data={"train_url": shapes_shards},
+        train={"steps": 80, "eval_every": 1000},
+        checkpoint={"every_steps": 10},
+        scaling={"max_failures": 1},
+    )
+    killed: list[str] = []
+    watcher = threading.Thread(
+        target=_kill_one_worker_after_first_checkpoint, args=(tmp_path / "runs", killed)
+    )
+    watcher.start()
+    output = checked(pretrain(ray_cluster, config))
+    watcher.join()
+    assert killed, "no training worker was found to kill"
+    assert "resumed from checkpoint at step" in output
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-fault")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 81))
