@@ -124,7 +124,7 @@ def _clip_bucket(
         rows = grad.view(1, -1) if _is_vector(grad) else grad.view(grad.shape[0], -1)
         # A per-tensor in-place multiply by a per-row view: the foreach variant with broadcasting
         # falls back to clone + copy on CPU, twice the memory traffic.
-        rows.mul_(per_tensor[i].to(grad.dtype).unsqueeze(1))
+        rows.mul_(per_tensor[i].unsqueeze(1))  # one rounding: in fp32, then to grad dtype
     return grad_norms.square().sum(), clipped.sum(), len(scales)
 
 

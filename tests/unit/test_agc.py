@@ -155,3 +155,24 @@ def test_rejects_non_positive_clipping():
     param.grad = torch.ones(2)
     with pytest.raises(ValueError, match="clipping must be > 0"):
         adaptive_clip_([param], clipping=0.0)
+
+
+def test_low_precision_and_mixed_dtype_tensors_are_normed_in_fp32():
+    # A bf16 vector next to an fp32 one takes the per-tensor path; the norm is accumulated in
+    # fp32, so only the final bf16 rounding of the clipped gradient (2^-8 relative) remains.
+    rng = np.random.default_rng(2)
+    shapes_dtypes = [((64,), torch.bfloat16), ((32,), torch.float32), ((16, 8), torch.bfloat16)]
+    params, expected = [], []
+    for shape, dtype in shapes_dtypes:
+        w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+        g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+        param = torch.nn.Parameter(w)
+        param.grad = g.clone()
+        params.append(param)
+        expected.append(reference_clip(w.double().numpy(), g.double().numpy(), CLIPPING, EPS))
+    stats = adaptive_clip_(params, CLIPPING, EPS)
+    assert stats["clip_fraction"].item() == 1.0  # N(0, 1) grads are far above 0.01 * ||W_i||
+    for param, reference in zip(params, expected, strict=True):
+        assert param.grad.dtype == param.dtype
+        limit = 1e-6 if param.dtype == torch.float32 else 2**-8
+        assert relative_error(param.grad, reference) <= limit, param.dtype
