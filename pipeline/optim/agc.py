@@ -70,8 +70,9 @@ def _flat_unit_norms(tensors: list[torch.Tensor], num_vectors: int) -> torch.Ten
         if _is_vector(tensor):
             norms.append(torch.linalg.vector_norm(tensor, dtype=dtype).reshape(1))
         else:
-            rows = tensor.reshape(tensor.shape[0], -1)
-            norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=dtype))
+            # Reducing over dims 1.. (not a reshaped view) works for any memory format.
+            dims = tuple(range(1, tensor.ndim))
+            norms.append(torch.linalg.vector_norm(tensor, dim=dims, dtype=dtype))
     return torch.cat(norms)
 
 
@@ -121,10 +122,10 @@ def _clip_bucket(
     per_tensor = torch.split(scales, sizes)
     for i in targets:
         grad = grads[i]
-        rows = grad.view(1, -1) if _is_vector(grad) else grad.view(grad.shape[0], -1)
-        # A per-tensor in-place multiply by a per-row view: the foreach variant with broadcasting
-        # falls back to clone + copy on CPU, twice the memory traffic.
-        rows.mul_(per_tensor[i].unsqueeze(1))  # one rounding: in fp32, then to grad dtype
+        shape = () if _is_vector(grad) else (-1,) + (1,) * (grad.ndim - 1)
+        # A per-tensor in-place multiply broadcasting the unit scales (any memory format): the
+        # foreach variant with broadcasting falls back to clone + copy on CPU.
+        grad.mul_(per_tensor[i].reshape(shape))
     return grad_norms.square().sum(), clipped.sum(), len(scales)
 
 

@@ -176,3 +176,16 @@ def test_low_precision_and_mixed_dtype_tensors_are_normed_in_fp32():
         assert param.grad.dtype == param.dtype
         limit = 1e-6 if param.dtype == torch.float32 else 2**-8
         assert relative_error(param.grad, reference) <= limit, param.dtype
+
+
+def test_channels_last_gradients_are_clipped_like_contiguous_ones():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.01
+    expected = reference_clip(w.astype(np.float64), g.astype(np.float64), CLIPPING, EPS)
+    param = torch.nn.Parameter(torch.from_numpy(w).contiguous(memory_format=torch.channels_last))
+    param.grad = torch.from_numpy(g).contiguous(memory_format=torch.channels_last)
+    stats = adaptive_clip_([param], CLIPPING, EPS)
+    assert param.grad.is_contiguous(memory_format=torch.channels_last)
+    assert 0 < stats["clip_fraction"].item() < 1
+    assert relative_error(param.grad, expected) <= 1e-6
