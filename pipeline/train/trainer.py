@@ -335,9 +335,14 @@ class Trainer:
             if self.rank == 0:
                 ckpt.save(directory, self.model, self.optimizer, self.ema, state)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(
-                report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{self.step:09d}"
-            )
+            name = f"step_{self.step:09d}"
+            ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if self.logger is not None and self.run_url is not None:
+            from pipeline.tracking import log_checkpoint_event
+
+            # The milestone the scheduler watches: written after Ray Train has persisted it.
+            url = f"{self.run_url}/{name}"
+            log_checkpoint_event(self.config.tracking.uri, self.run_id, self.step, url)
 
     def leave_early(self) -> dict[str, float]:
         """Stop after ``train.stop_after`` (as a preemption would): all is in the checkpoint."""
