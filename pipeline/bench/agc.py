@@ -86,15 +86,17 @@ def main(argv: list[str]) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=3, help="timed nfnet_f0 training steps")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=192, help="DM: F0 trains at 192 px")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model("nfnet_f0")
     params = list(model.parameters())
     count = sum(p.numel() for p in params)
-    print(
-        f"nfnet_f0: {count:,} parameters in {len(params)} tensors, {torch.get_num_threads()} threads"
-    )
-    figures: dict[str, float] = {"threads": float(torch.get_num_threads())}
+    threads = torch.get_num_threads()
+    print(f"nfnet_f0: {count:,} parameters in {len(params)} tensors, {threads} threads")
+    figures: dict[str, float] = {"threads": float(threads)}
     # Worst case: every unit clips (N(0, 1e-4) gradients are far above 0.01 * ||W_i||).
     generator = torch.Generator().manual_seed(0)
     noise = [torch.randn(p.shape, generator=generator) * 1e-2 for p in params]
