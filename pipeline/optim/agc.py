@@ -3,7 +3,9 @@
 Every clip here is computed the same way, vectorised over parameters: one per-unit norm per
 tensor (no host syncs), the norms of a bucket of tensors concatenated into one flat vector, the
 clip factors computed on that vector in a handful of ops, then split back into per-tensor views
-that multiply the gradients in place. Nothing in ``SGD_AGC.step`` reads a value back to the host.
+that multiply the gradients in place. On accelerators nothing in ``SGD_AGC.step`` reads a value
+back to the host; on CPU, where a read costs no device sync, one read per bucket lets the scaling
+skip tensors in which no unit clipped.
 """
 
 from __future__ import annotations
