@@ -4,8 +4,8 @@ Training. Shard order: pass ``p`` over the split is a permutation drawn from (se
 same on every rank; the passes are concatenated and stream ``i`` of ``n`` = world_size x workers
 takes every ``n``-th entry, so streams read disjoint shards within a pass and the stream never
 ends. Samples go through a shuffle buffer seeded by (seed, epoch, rank, stream); each sample's
-augmentation is seeded by (seed, epoch, rank, stream, position), and the images stay uint8 until
-the batch is normalised in one step.
+augmentation is seeded by (seed, epoch, rank, stream, position). Images stay uint8 until a batch
+is complete, which is normalised in one vectorised step straight into shared memory.
 
 Batch ``g`` of a rank comes from stream ``g mod workers``; with ``start_batch = j`` the physical
 worker ``w`` serves stream ``(w + j) mod workers``, so the DataLoader's round-robin hands out
@@ -107,8 +107,23 @@ def _sample_seed(*parts: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _shared_float_like(images: torch.Tensor) -> torch.Tensor:
+    """An uninitialised float32 tensor of ``images``' shape in shared memory."""
+    template = torch.empty(0, dtype=torch.float32)
+    try:
+        # What default_collate does in a worker: allocate the batch in shared memory at once,
+        # so that sending it to the main process moves no bytes.
+        storage = template._typed_storage()._new_shared(images.numel(), device="cpu")
+        return template.new(storage).view(images.shape)
+    except AttributeError:  # pragma: no cover - private API gone in a later torch
+        return torch.empty(images.shape, dtype=torch.float32).share_memory_()
+
+
 def _batch(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return normalize_batch(torch.stack(images)), torch.tensor(labels, dtype=torch.int64)
+    """Stack uint8 images and normalise them once for the whole batch."""
+    stacked = torch.stack(images)
+    out = _shared_float_like(stacked) if get_worker_info() is not None else None
+    return normalize_batch(stacked, out=out), torch.tensor(labels, dtype=torch.int64)
 
 
 def _worker() -> tuple[int, int]:
