@@ -196,3 +196,18 @@ def test_mixup_cutmix_rejects_integer_images():
             10,
             generator=torch.Generator(),
         )
+
+
+def test_mixing_off_returns_the_batch_and_one_hot_targets():
+    images, labels, out, targets = mixed(seed=1, batch=5, mixup_alpha=0.0, cutmix=False)
+    assert torch.equal(out, images)
+    smoothed = F.one_hot(labels, 10).float() * 0.9 + 0.01
+    torch.testing.assert_close(targets, smoothed, rtol=0, atol=1e-7)
+
+
+def test_odd_batch_mixes_three_with_mixup_and_two_with_cutmix():
+    images, labels, out, targets = mixed(seed=2, batch=5, label_smoothing=0.0)
+    # CutMix rows (3, 4) hold only their own and their partner's pixels.
+    pixels = (out[3:] == images[3:]) | (out[3:] == images[[4, 3]])
+    assert bool(pixels.all())
+    torch.testing.assert_close(targets.sum(1), torch.ones(5), rtol=0, atol=1e-6)
