@@ -42,16 +42,21 @@ def default_clipping(global_batch: int) -> float:
 
 def lr_at(step: float, total_steps: float, warmup_steps: float, peak_lr: float) -> float:
     """DM optim.py WarmupCosineDecay with start and end 0: linear from 0 to ``peak_lr`` over
-    ``warmup_steps`` (inclusive), then a half cosine down to 0 at ``total_steps``."""
-    if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+    ``warmup_steps`` (inclusive), then a half cosine down to 0 at ``total_steps``.
+
+    A warm-up longer than the run (short demo runs) just never reaches the cosine part.
+    """
+    if total_steps <= 0 or warmup_steps < 0:
         raise ValueError(
-            f"lr_at: need 0 <= warmup_steps <= total_steps and total_steps > 0, got "
-            f"warmup_steps={warmup_steps}, total_steps={total_steps}"
+            f"lr_at: need total_steps > 0 and warmup_steps >= 0, got total_steps={total_steps}, "
+            f"warmup_steps={warmup_steps}"
         )
     if step <= warmup_steps:
         # DM optim.py: the warm-up value is used while itr <= warmup_steps (itr 0 gives lr 0).
         return peak_lr if warmup_steps == 0 else peak_lr * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    if step >= total_steps:
+        return 0.0
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
 
 

@@ -55,9 +55,13 @@ def test_lr_at_equals_dm_schedule():
     assert lr_at(3, 10, 0, 2.0) == pytest.approx(1.0 + math.cos(math.pi * 0.3))
 
 
-def test_lr_at_rejects_inconsistent_steps():
-    with pytest.raises(ValueError, match="warmup_steps"):
-        lr_at(0, total_steps=10, warmup_steps=20, peak_lr=1.0)
+def test_lr_at_with_warmup_longer_than_the_run_and_bad_arguments():
+    assert lr_at(5, total_steps=10, warmup_steps=20, peak_lr=1.0) == pytest.approx(0.25)
+    assert lr_at(12, total_steps=10, warmup_steps=10, peak_lr=1.0) == 0.0
+    with pytest.raises(ValueError, match="total_steps > 0"):
+        lr_at(0, total_steps=0, warmup_steps=0, peak_lr=1.0)
+    with pytest.raises(ValueError, match="warmup_steps >= 0"):
+        lr_at(0, total_steps=10, warmup_steps=-1, peak_lr=1.0)
 
 
 def test_scheduler_sets_each_group_to_lr_at():
