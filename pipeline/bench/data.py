@@ -13,7 +13,7 @@ Goal: ours >= 1.2x the peer.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import statistics
 import tempfile
 import time
@@ -74,33 +74,34 @@ def _our_loader(url: str, args: argparse.Namespace, epoch: int):
     )
 
 
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes ``pids`` so far (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
 
 
 def _measure(loader, batches: int) -> tuple[float, float]:
-    """(images per wall second after the first batch, images per CPU second overall).
+    """(images per wall second, images per CPU second), both after the first batch.
 
-    The CPU figure counts the loader workers' CPU time (they are joined before it is read) plus
-    the consuming process's, so all the work of loading is in it wherever it runs, and load
-    from other processes on a shared machine barely moves it; the wall figure moves with it.
+    The CPU figure adds the loader workers' CPU time and the consuming process's, so all the
+    work of loading counts wherever it runs, and load from other processes on a shared machine
+    barely moves it (the wall figure moves with it). Start-up is left out of both.
     """
-    cpu_before = _children_cpu_seconds() + time.process_time()
     iterator = iter(loader)
-    images, _ = next(iterator)
-    total, seen, start = images.shape[0], 0, time.perf_counter()
+    next(iterator)
+    pids = [worker.pid for worker in getattr(iterator, "_workers", [])]  # none in-process
+    cpu_before, wall_before, seen = _cpu_seconds(pids) + time.process_time(), time.perf_counter(), 0
     for _ in range(batches - 1):
         images, _ = next(iterator)
         seen += images.shape[0]
-    wall = seen / (time.perf_counter() - start)
-    if hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()  # join the workers so that their CPU time is accounted
-    else:
-        iterator.close()  # our loader's generator: closing it shuts its DataLoader down
+    wall = seen / (time.perf_counter() - wall_before)
+    cpu = _cpu_seconds(pids) + time.process_time() - cpu_before
     del iterator
-    cpu = _children_cpu_seconds() + time.process_time() - cpu_before
-    return wall, (total + seen) / cpu
+    return wall, seen / cpu
 
 
 def _prepare(directory: Path, args: argparse.Namespace) -> tuple[str, Path]:

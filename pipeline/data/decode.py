@@ -65,9 +65,12 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _jpeg_scan_start(data: bytes) -> int:
-    """Offset of the first entropy-coded scan: walks the marker segments after SOI."""
-    position = 2
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_layout(data: bytes) -> tuple[int, int]:
+    """(pixels of the frame, offset of the first scan's data): walks the segments after SOI."""
+    position, pixels = 2, 0
     while position + 4 <= len(data):
         if data[position] != 0xFF:
             raise CorruptImage(f"no JPEG marker at byte {position}")
@@ -78,8 +81,14 @@ def _jpeg_scan_start(data: bytes) -> int:
             position += 2
         else:
             end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-            if marker == 0xDA:  # SOS: the scan data follows its header
-                return end
+            if marker in _SOF_MARKERS and end <= len(data):
+                height = int.from_bytes(data[position + 5 : position + 7], "big")
+                width = int.from_bytes(data[position + 7 : position + 9], "big")
+                pixels = height * width
+            elif marker == 0xDA:  # SOS: the scan data follows its header
+                if not pixels:
+                    raise CorruptImage("JPEG scan without a frame header")
+                return pixels, end
             position = end
     raise CorruptImage("JPEG ends before its first scan")
 
@@ -87,20 +96,22 @@ def _jpeg_scan_start(data: bytes) -> int:
 def check_image(data: bytes) -> None:
     """Raise CorruptImage unless ``data`` looks decodable, without decoding JPEG pixels.
 
-    JPEG: the header must parse and an EOI marker must follow the first scan, which catches
-    truncation and broken headers at ~1/20 of a decode's cost (inside scan data 0xFF is always
-    stuffed, so a later FF D9 can only be an EOI). Other formats are decoded in full.
+    JPEG: the segments must parse up to a scan of a non-empty frame, and an EOI marker must
+    follow the scan, which catches truncation and broken headers at ~1/20 of a decode's cost
+    (inside scan data 0xFF is always stuffed, so a later FF D9 can only be an EOI). Other
+    formats are decoded in full.
     """
+    if data[:3] == b"\xff\xd8\xff":
+        pixels, scan = _jpeg_layout(data)
+        if pixels > MAX_PIXELS:
+            raise CorruptImage(f"JPEG of {pixels} pixels is too large")
+        if data.rfind(b"\xff\xd9") < scan:
+            raise CorruptImage("JPEG without an end-of-image marker (truncated?)")
+        return
     try:
         image = _open(data)
-        if image.format == "JPEG":
-            if data.rfind(b"\xff\xd9") < _jpeg_scan_start(data):
-                raise CorruptImage("JPEG without an end-of-image marker (truncated?)")
-        else:
-            image.load()
-            to_rgb(image)
-    except CorruptImage:
-        raise
+        image.load()
+        to_rgb(image)
     except Exception as exc:
         raise CorruptImage(f"{type(exc).__name__}: {exc}") from exc
 

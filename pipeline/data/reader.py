@@ -102,9 +102,23 @@ def _decode(data: bytes, counter: SkipCounter) -> torch.Tensor | None:
         return torch.tensor(BLANK_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8).clone()
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers with good avalanche."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
 def _sample_seed(*parts: int) -> int:
-    state = np.random.SeedSequence([*parts, _AUGMENT]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    """A 63-bit seed from (seed, epoch, rank, stream, position); ~1 us, SeedSequence ~10 us."""
+    state = _AUGMENT
+    for part in parts:
+        state = _mix64(state ^ _mix64(part))
+    return state >> 1
 
 
 def _shared_float_like(images: torch.Tensor) -> torch.Tensor:

@@ -100,21 +100,22 @@ def train_transform(
     resolution: int, ra_layers: int, ra_magnitude: float, *, normalize: bool = True
 ) -> Callable:
     """uint8 (3, H, W) tensor -> augmented (3, R, R) image (float normalised, or uint8)."""
+    # Crop and bicubic resize run on the tensor (~3x faster than PIL's resize here); the crop is
+    # cut before resizing, so only the crop's pixels are resampled.
+    crop = v2.RandomResizedCrop(
+        resolution, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=BICUBIC, antialias=True
+    )
+    if ra_layers == 0:
+        return _finish([crop, v2.RandomHorizontalFlip()], normalize)
+    # PIL's geometric and colour ops are 3-10x faster than the tensor kernels on one image, and
+    # its flip is a cheap transpose there.
     steps = [
-        # Crop, flip and the bicubic resize run on the tensor (faster than PIL here); the crop
-        # is cut before resizing, so only the crop's pixels are resampled.
-        v2.RandomResizedCrop(
-            resolution, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=BICUBIC, antialias=True
-        ),
+        crop,
+        v2.Lambda(_to_pil, torch.Tensor),
         v2.RandomHorizontalFlip(),
+        LevelRandAugment(ra_layers, ra_magnitude),
+        v2.PILToTensor(),
     ]
-    if ra_layers > 0:
-        # PIL's geometric and colour ops are 3-10x faster than the tensor kernels on one image.
-        steps += [
-            v2.Lambda(_to_pil, torch.Tensor),
-            LevelRandAugment(ra_layers, ra_magnitude),
-            v2.PILToTensor(),
-        ]
     return _finish(steps, normalize)
 
 
