@@ -133,6 +133,19 @@ def _shared_float_like(images: torch.Tensor) -> torch.Tensor:
         return torch.empty(images.shape, dtype=torch.float32).share_memory_()
 
 
+def _seeded(transform: Callable, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform(image)`` with torch's global CPU generator seeded, then restored."""
+    # torchvision's transforms draw from the global generator; restoring it keeps the trainer's
+    # stream untouched when num_workers=0. Not torch.manual_seed: it also queues a lazy CUDA
+    # seeding call with a formatted stack on every call (slow, and the queue grows).
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+    finally:
+        torch.set_rng_state(state)
+
+
 def _batch(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack uint8 images and normalise them once for the whole batch."""
     stacked = torch.stack(images)
@@ -212,12 +225,7 @@ class TrainStream(IterableDataset):
             if image is None:
                 continue
             seed = _sample_seed(self.seed, self.epoch, self.rank, stream, position)
-            # Seed the global CPU generator torchvision's transforms draw from, then restore it
-            # (with num_workers=0 this runs in the trainer's process). Not torch.manual_seed:
-            # it also queues a lazy CUDA seeding call with a formatted stack on every call.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                images.append(self.transform(image))
+            images.append(_seeded(self.transform, image, seed))
             labels.append(label)
             if len(images) == self.batch_size:
                 yield _batch(images, labels)

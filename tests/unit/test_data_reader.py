@@ -214,3 +214,13 @@ def test_pipe_urls_need_allow_pipe(dataset):
         template, batch_size=4, rank=0, world_size=1, num_workers=0, resolution=16, allow_pipe=True
     )
     assert sorted(int(x) for _, batch in loader for x in batch) == sorted(validation)
+
+
+def test_in_process_loading_leaves_the_callers_random_stream_alone(dataset):
+    url, _, _ = dataset
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    batches = _train(url, num_workers=0, batches_per_epoch=2)
+    assert len(batches) == 2
+    assert torch.equal(torch.rand(4), expected)
