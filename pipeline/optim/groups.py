@@ -29,8 +29,8 @@ def param_groups(
     ``{classifier_name}.weight`` (decay, never clipped), everything else (decay, clipped).
 
     ``clipping=None`` turns AGC off in every group. Raises ValueError if no parameter is called
-    ``{classifier_name}.weight``: clipping the classifier would silently hurt training (DM
-    experiment_nfnets.py excludes it; Brock et al. 2021 §4.1).
+    ``{classifier_name}.weight``: clipping the classifier would silently change the recipe (DM
+    experiment_nfnets.py never clips it; vballoli/nfnets-pytorch issue 8 had to add this).
     """
     classifier_weight = f"{classifier_name}.weight"
     settings = {
