@@ -214,3 +214,23 @@ def test_params_without_grad_are_left_alone():
     optimizer.step()
     assert torch.equal(model.stem.conv0.weight.detach(), frozen)
     assert model.stem.conv0.weight not in optimizer.state
+
+
+def test_state_dict_round_trip_resumes_the_same_trajectory():
+    models = [small_nfnet(skip_gain=0.5), small_nfnet(skip_gain=0.5)]
+    optimizers = [SGD_AGC(param_groups(m, 2e-5, CLIPPING), lr=0.5) for m in models]
+    images, labels = batch(8, seed=5)
+    for step in range(2):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        if step == 0:
+            # Resume the second run from the first's weights and optimizer state.
+            models[1].load_state_dict(models[0].state_dict())
+            state = copy.deepcopy(optimizers[0].state_dict())
+            optimizers[1] = SGD_AGC(param_groups(models[1], 2e-5, CLIPPING), lr=0.5)
+            optimizers[1].load_state_dict(state)
+    assert len(optimizers[1].state) == 57
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
