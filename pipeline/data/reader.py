@@ -309,6 +309,9 @@ class ShardLoader:
             num_workers=num_workers,
             pin_memory=pin_memory,
             prefetch_factor=4 if num_workers else None,
+            # Its workers' base seed would otherwise be drawn from the trainer's global
+            # generator; the streams seed themselves, so a private generator suffices.
+            generator=torch.Generator().manual_seed(0),
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
