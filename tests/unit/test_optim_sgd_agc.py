@@ -182,16 +182,16 @@ def train_losses(clipping: float | None, steps: int, lr: float) -> list[float]:
 
 
 def test_agc_keeps_training_stable_where_plain_sgd_diverges():
-    lr, steps = 0.2, 12
-    plain = train_losses(None, steps, lr)
-    clipped = train_losses(CLIPPING, steps, lr)
+    lr = 0.2
+    plain = train_losses(None, steps=24, lr=lr)  # stops at divergence (step 10 on the dev box)
+    clipped = train_losses(CLIPPING, steps=12, lr=lr)
     initial = plain[0]
     assert initial == pytest.approx(math.log(10), rel=0.05)
     # Without AGC the loss explodes past 1000x its start or turns NaN.
-    assert len(plain) < steps, plain
+    assert len(plain) < 24, plain
     assert not (math.isfinite(plain[-1]) and plain[-1] < 1000 * initial), plain
-    # With AGC at the same lr: finite, never above the start, and down by 10x at the end.
-    assert all(math.isfinite(v) for v in clipped), clipped
+    # With AGC at the same lr: finite, never above the start, and down by 10x after 12 steps.
+    assert len(clipped) == 12 and all(math.isfinite(v) for v in clipped), clipped
     assert max(clipped) <= initial * 1.01, clipped
     assert clipped[-1] < 0.1 * initial, clipped
 
