@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.decode import CorruptImage, check_image, decode_rgb, image_bytes
 from pipeline.data.info import read_info
 from pipeline.data.shardio import SkipCounter, iter_shard
-from pipeline.data.transforms import eval_transform, normalize_batch, train_transform
+from pipeline.data.transforms import FusedTrainTransform, eval_transform, normalize_batch
 
 # Distinct streams of randomness derived from the same user seed.
 _SHARD_ORDER, _SHUFFLE, _AUGMENT = 0x5A4D, 0x5B5F, 0x5C6E
@@ -389,7 +389,7 @@ def make_train_loader(
         start_batch=start_batch,
         counter=counter,
         transform=transform
-        or train_transform(resolution, randaugment_layers, randaugment_magnitude, normalize=False),
+        or FusedTrainTransform(resolution, randaugment_layers, randaugment_magnitude),
         storage_options=storage_options,
         allow_pipe=allow_pipe,
     )

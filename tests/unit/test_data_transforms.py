@@ -9,6 +9,7 @@ from torchvision.transforms import v2
 from pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    FusedTrainTransform,
     LevelRandAugment,
     _level_space,
     eval_transform,
@@ -77,3 +78,15 @@ def test_train_transform_shapes_and_determinism_under_a_seed():
     assert torch.equal(first, second)
     normalized = train_transform(32, 0, 0)(image)
     assert normalized.dtype == torch.float32 and tuple(normalized.shape) == (3, 32, 32)
+
+
+@pytest.mark.parametrize(("layers", "level"), [(4, 5), (2, 15), (0, 0)])
+def test_fused_train_transform_equals_the_v2_pipeline(layers, level):
+    fused = FusedTrainTransform(40, layers, level)
+    reference = train_transform(40, layers, level, normalize=False)
+    for seed in range(16):
+        image = _image(seed, 56, 72)
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(fused(image), expected)
