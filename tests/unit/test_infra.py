@@ -85,6 +85,7 @@ def test_image_is_declared_once_and_tagged_with_the_project_version():
     name, _, tag = _image().rpartition(":")
     assert name.endswith("/nfnet-pipeline")
     assert tag == _pyproject()["project"]["version"] == "0.1.0"
+    assert re.findall(r"export IMAGE=(\S+)", CLUSTER_DOC.read_text()) == [_image()]
 
 
 def test_dockerfile_pins_equal_pyproject_pins():
@@ -165,6 +166,8 @@ def test_launcher_workers_are_a_fixed_pool_of_the_f0_configs_32_gpus():
     head = config["available_node_types"][config["head_node_type"]]
     assert workers["min_workers"] == workers["max_workers"] == config["max_workers"] == 4
     assert workers["resources"]["GPU"] == 8
+    assert config["docker"]["worker_run_options"] == ["--gpus all"]
+    assert "--gpus all" not in config["docker"]["run_options"]
     assert workers["max_workers"] * workers["resources"]["GPU"] == plan.scaling.num_workers == 32
     assert workers["resources"]["CPU"] >= 8 * plan.scaling.cpus_per_worker
     assert head["max_workers"] == 0 and "GPU" not in head["resources"]
