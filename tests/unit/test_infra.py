@@ -109,6 +109,9 @@ def test_dockerfile_builds_on_cuda_with_python_311_as_a_non_root_user():
     assert any("python3.11 -m venv" in line for line in lines)
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
+    (uid,) = re.findall(r"useradd .*--uid (\d+)", DOCKERFILE.read_text())
+    pods = [user for path in (RAYCLUSTER, RAYJOB) for user in _walk(_load_all(path), "runAsUser")]
+    assert len(pods) == 5 and set(pods) == {int(uid)}  # the pods run as the image's user
     # DeepSpeed must find CUDA on the GPU nodes: the CPU accelerator of the tests stays out.
     assert not [line for line in lines if "DS_ACCELERATOR=" in line]
 
