@@ -213,10 +213,11 @@ def test_kuberay_gpu_workers_provide_the_f0_configs_32_gpus():
 
 
 def test_kuberay_credentials_come_only_from_the_secret_the_example_env_file_lists():
-    example = (INFRA / "kuberay" / "credentials.env.example").read_text().splitlines()
-    entries = dict(line.split("=", 1) for line in example if line and not line.startswith("#"))
+    example = (INFRA / "kuberay" / "credentials.env.example").read_text()
+    entries = dict(re.findall(r"^(?:# )?([A-Z_]+)=(.*)$", example, re.M))
+    required = set(re.findall(r"^([A-Z_]+)=", example, re.M))  # the uncommented lines
     assert set(entries.values()) == {""}  # the example holds names, never values
-    seen = set()
+    seen, optional = set(), set()
     for path in (RAYCLUSTER, RAYJOB):
         for container in _containers(_load_all(path)[0]):
             for variable in container.get("env", []):
@@ -225,7 +226,10 @@ def test_kuberay_credentials_come_only_from_the_secret_the_example_env_file_list
                 assert reference["name"] == "nfnet-credentials"
                 assert reference["key"] == variable["name"]
                 seen.add(variable["name"])
-    assert seen == set(entries)
+                if reference.get("optional"):
+                    optional.add(variable["name"])
+    assert seen == set(entries) and len(seen) == 5
+    assert seen - optional == required == {"MLFLOW_TRACKING_URI"}
 
 
 def _entrypoint_parts(entrypoint: str) -> tuple[str, str, list[str]]:
