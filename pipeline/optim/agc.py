@@ -23,7 +23,8 @@ DEFAULT_WEIGHT_DECAY = 2e-5
 DEFAULT_CLIPPING = 0.01
 DEFAULT_MOMENTUM = 0.9
 # Gradient bytes per clip bucket on CPU: small enough to stay in a 32 MiB L3 between the norm
-# pass and the scaling pass (measured on the 2-core dev box: 4 MiB beat 1 and 16 MiB).
+# pass and the scaling pass (4 MiB was among the fastest in a sweep of 0.25 MiB .. one bucket
+# on the 2-core dev box, which was too loaded for a finer choice).
 _CPU_BUCKET_BYTES = 4 << 20
 
 
