@@ -84,6 +84,18 @@ def _check_plan(dest_url: str, plan: dict, storage_options: dict | None) -> None
         )
 
 
+def _existing_names(dest_url: str, storage_options: dict | None) -> set[str]:
+    """Names already at ``dest_url``; leftovers of a killed atomic write are deleted."""
+    present = set()
+    for url in list_urls(dest_url, storage_options):
+        name = url.rsplit("/", 1)[-1]
+        if is_temporary_name(name):
+            remove_url(url, storage_options)  # never a shard, only a part of one
+        else:
+            present.add(name)
+    return present
+
+
 def write_shards(
     source,
     dest_url: str,
@@ -107,34 +119,27 @@ def write_shards(
         "val_samples": num_val,
     }
     _check_plan(dest_url, plan, storage_options)
-    present = set()
-    for url in list_urls(dest_url, storage_options):
-        name = url.rsplit("/", 1)[-1]
-        if is_temporary_name(name):
-            remove_url(url, storage_options)  # left by a killed write; never a shard
-        present.add(name)
-
+    present = _existing_names(dest_url, storage_options)
     splits = {}
-    bar = tqdm(
+    with tqdm(
         total=len(source),
         unit="img",
         desc=f"write {dest_url}",
         disable=not progress,
         file=sys.stderr,
-    )
-    for split, indices in split_indices(len(source), num_val, seed).items():
-        urls, lengths = [], []
-        for shard, start in enumerate(range(0, len(indices), samples_per_shard)):
-            chunk = indices[start : start + samples_per_shard]
-            filename = f"{source.name}-{split}-{shard:06d}.tar"
-            url = join_url(dest_url, filename)
-            if filename not in present:
-                atomic_write_bytes(url, shard_bytes(source, chunk), storage_options)
-            urls.append(url)
-            lengths.append(len(chunk))
-            bar.update(len(chunk))
-        splits[split] = SplitInfo(split, tuple(urls), tuple(lengths))
-    bar.close()
+    ) as bar:
+        for split, indices in split_indices(len(source), num_val, seed).items():
+            urls, lengths = [], []
+            for shard, start in enumerate(range(0, len(indices), samples_per_shard)):
+                chunk = indices[start : start + samples_per_shard]
+                filename = f"{source.name}-{split}-{shard:06d}.tar"
+                url = join_url(dest_url, filename)
+                if filename not in present:
+                    atomic_write_bytes(url, shard_bytes(source, chunk), storage_options)
+                urls.append(url)
+                lengths.append(len(chunk))
+                bar.update(len(chunk))
+            splits[split] = SplitInfo(split, tuple(urls), tuple(lengths))
     info = DatasetInfo(
         url=dest_url,
         name=source.name,

@@ -18,8 +18,13 @@ def _tar(tmp_path, tar_format: int) -> str:
         folder = tarfile.TarInfo("folder")
         folder.type = tarfile.DIRTYPE
         tar.addfile(folder)
-        for name, data in (("k1.jpg", b"J" * 700), ("k1.cls", b"3"), (f"{LONG}.cls", b"12"),
-                           ("x/k2.cls", b"5"), ("x/k2.png", b"P" * 513)):  # fmt: skip
+        for name, data in (
+            ("k1.jpg", b"J" * 700),
+            ("k1.cls", b"3"),
+            (f"{LONG}.cls", b"12"),
+            ("x/k2.cls", b"5"),
+            ("x/k2.png", b"P" * 513),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
