@@ -31,29 +31,38 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 _FACTOR_OPS = {"Brightness", "Color", "Contrast", "Sharpness"}
 
 
+class _AtLevel:
+    """Magnitudes of one RandAugment op fixed at a DM level: ``[0, value]`` (2 bins).
+
+    A class rather than a closure so that the transform pickles into spawned loader workers.
+    """
+
+    def __init__(self, name: str, level: float) -> None:
+        self.name, self.level = name, level
+
+    def __call__(self, num_bins: int, height: int, width: int) -> torch.Tensor | None:
+        grid = v2.RandAugment._AUGMENTATION_SPACE[self.name][0](MAX_LEVEL + 1, height, width)
+        if grid is None:
+            return None
+        if float(self.level).is_integer() and self.level <= MAX_LEVEL:
+            value = grid[int(self.level)]
+        else:
+            value = grid[0] + (grid[-1] - grid[0]) * (self.level / MAX_LEVEL)
+            if self.name in _FACTOR_OPS:
+                value = value.clamp(max=0.99)
+            elif self.name == "Posterize":
+                value = value.round().clamp(min=1)
+            elif self.name == "Solarize":
+                value = value.clamp(min=0.0)
+        return torch.stack([grid[0], value.to(grid.dtype)])
+
+
 def _level_space(level: float) -> dict:
-    """torchvision's RandAugment space with every op fixed at DM ``level`` (bins: [0, value])."""
-    space = {}
-    for name, (magnitudes_fn, signed) in v2.RandAugment._AUGMENTATION_SPACE.items():
-
-        def at_level(num_bins, height, width, _fn=magnitudes_fn, _name=name):
-            grid = _fn(MAX_LEVEL + 1, height, width)
-            if grid is None:
-                return None
-            if float(level).is_integer() and level <= MAX_LEVEL:
-                value = grid[int(level)]
-            else:
-                value = grid[0] + (grid[-1] - grid[0]) * (level / MAX_LEVEL)
-                if _name in _FACTOR_OPS:
-                    value = value.clamp(max=0.99)
-                elif _name == "Posterize":
-                    value = value.round().clamp(min=1)
-                elif _name == "Solarize":
-                    value = value.clamp(min=0.0)
-            return torch.stack([grid[0], value.to(grid.dtype)])
-
-        space[name] = (at_level, signed)
-    return space
+    """torchvision's RandAugment space with every op fixed at DM ``level``."""
+    return {
+        name: (_AtLevel(name, level), signed)
+        for name, (_, signed) in v2.RandAugment._AUGMENTATION_SPACE.items()
+    }
 
 
 class LevelRandAugment(v2.RandAugment):

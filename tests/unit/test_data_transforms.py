@@ -92,3 +92,15 @@ def test_fused_train_transform_equals_the_v2_pipeline(layers, level):
         expected = reference(image)
         torch.manual_seed(seed)
         assert torch.equal(fused(image), expected)
+
+
+def test_transforms_pickle_for_spawned_loader_workers():
+    import pickle
+
+    for transform in (FusedTrainTransform(32, 4, 15), train_transform(32, 2, 5)):
+        copy = pickle.loads(pickle.dumps(transform))
+        image = _image(5, 48, 48)
+        torch.manual_seed(3)
+        expected = transform(image)
+        torch.manual_seed(3)
+        assert torch.equal(copy(image), expected)
