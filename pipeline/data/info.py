@@ -125,7 +125,8 @@ def read_info(
     try:
         raw = read_bytes(join_url(url, INFO_NAME), storage_options)
     except StorageError as exc:
-        raise StorageError(
-            exc.url, f"{exc.reason} (no shard set here: missing {INFO_NAME})"
-        ) from exc
+        if exc.reason != "does not exist":
+            raise
+        hint = f"{exc.reason} (no shard set here: missing {INFO_NAME})"
+        raise StorageError(exc.url, hint) from exc
     return parse_info(url, raw)

@@ -12,6 +12,7 @@ from webdataset.gopen import gopen as wds_open
 from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.data import storage
 from pipeline.data.storage import StorageError, _is_transient, open_url
 
 SKIP_REASONS = (
@@ -21,8 +22,6 @@ SKIP_REASONS = (
     "truncated_shard",  # a tar that ends mid-member: the sample being read is dropped
     "blank_substitute",  # passed the cheap check, failed the decode: a blank image keeps its slot
 )
-OPEN_ATTEMPTS = 5
-OPEN_BACKOFF = 0.5  # seconds, doubled after each failed attempt
 
 
 class SkipCounter:
@@ -180,10 +179,10 @@ def iter_shard(
             return
         except Exception as exc:
             attempt += 1
-            if not _is_transient(exc) or attempt >= OPEN_ATTEMPTS:
+            if not _is_transient(exc) or attempt >= storage.RETRY_ATTEMPTS:
                 raise StorageError(
                     url, f"reading failed after {attempt} attempt(s): {exc}"
                 ) from exc
-            time.sleep(OPEN_BACKOFF * 2 ** (attempt - 1))
+            time.sleep(storage.RETRY_BACKOFF * 2 ** (attempt - 1))
         finally:
             stream.close()

@@ -45,6 +45,12 @@ _TRANSIENT_ERRNOS = {
 }
 
 
+# Transient errors: 5 attempts, waiting 0.5, 1, 2, 4 s in between (on top of the storage
+# client's own retries, e.g. botocore's).
+RETRY_ATTEMPTS = 5
+RETRY_BACKOFF = 0.5
+
+
 class StorageError(Exception):
     """A storage operation failed; the message names the URL."""
 
@@ -130,10 +136,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _call(url: str, fn: Callable[[], T], attempts: int = 5) -> T:
+def _call(url: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` with retries; turn whatever still fails into a StorageError naming ``url``."""
     try:
-        return retry(fn, attempts=attempts)
+        return retry(fn, attempts=RETRY_ATTEMPTS, backoff=RETRY_BACKOFF)
     except StorageError:
         raise
     except Exception as exc:

@@ -138,3 +138,25 @@ def test_missing_s3_objects_are_named(s3_endpoint, capsys):
         read_info("s3://no-such-bucket-x/data", s3_endpoint.storage_options)
     assert shards.main(["inspect", url]) == 2
     assert f"{url}/_info.json" in capsys.readouterr().err
+
+
+def test_refused_connection_exits_2_naming_the_url(monkeypatch, capsys):
+    import json
+    import socket
+
+    from pipeline.data import storage
+
+    monkeypatch.setattr(storage, "RETRY_BACKOFF", 0.01)  # the retries still happen, quickly
+    with socket.socket() as probe:  # a port nobody listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
+    argv = ["--storage-options", json.dumps(options), "inspect", "s3://pipeline-test/refused"]
+    assert shards.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: s3://pipeline-test/refused/_info.json: EndpointConnectionError")
