@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,6 +25,24 @@ JPEG_QUALITY = 90  # rendered and re-encoded images; high enough that artefacts 
 
 class SourceError(ValueError):
     """A source cannot be built from what the user gave; the message names the path or name."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What the shard writer needs: random access to (JPEG bytes, label) and a description."""
+
+    name: str
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def sample(self, index: int) -> tuple[bytes, int]:
+        """``(jpeg_bytes, label)`` of sample ``index``."""
+        ...
+
+    def describe(self) -> dict:
+        """What identifies the content (the writer refuses to resume with another)."""
+        ...
 
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
@@ -276,7 +295,7 @@ def digits(resolution: int = 64, num_samples: int | None = None) -> DigitsSource
 
 def from_name(
     name: str, *, num_samples: int | None, resolution: int | None, seed: int, num_classes: int
-):
+) -> Source:
     """The source a CLI argument names: ``shapes``, ``digits`` or a directory."""
     if name == "shapes":
         return shapes(num_samples or 10_000, resolution or 64, seed, num_classes)

@@ -18,6 +18,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.data.info import INFO_NAME, DatasetInfo, SplitInfo, info_to_json
+from pipeline.data.sources import Source
 from pipeline.data.storage import (
     StorageError,
     atomic_write_bytes,
@@ -46,7 +47,7 @@ def split_indices(num_samples: int, num_val: int, seed: int) -> dict[str, np.nda
     return splits
 
 
-def shard_bytes(source, indices: Sequence[int]) -> bytes:
+def shard_bytes(source: Source, indices: Sequence[int]) -> bytes:
     """One webdataset tar shard holding ``indices`` of ``source`` as ``key.jpg`` + ``key.cls``."""
     buffer = io.BytesIO()
     # Fixed mtime and owner: the tar bytes then depend only on the samples.
@@ -97,7 +98,7 @@ def _existing_names(dest_url: str, storage_options: dict | None) -> set[str]:
 
 
 def write_shards(
-    source,
+    source: Source,
     dest_url: str,
     *,
     samples_per_shard: int = 1000,
