@@ -54,9 +54,12 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> obje
 
 def register_fsspec_opener() -> None:
     """Route every fsspec protocol webdataset's gopen sees through ``open_url``."""
-    for protocol in fsspec.available_protocols():
+    for protocol in [*fsspec.available_protocols(), *fsspec.registry]:
         if protocol not in ("file", "local", "pipe"):
             gopen_schemes[protocol] = _fsspec_gopen
+    # Protocols registered with fsspec later on still reach it (and unknown ones get fsspec's
+    # error, naming the URL) instead of webdataset's "no gopen handler".
+    gopen_schemes["__default__"] = _fsspec_gopen
 
 
 register_fsspec_opener()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import tarfile
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.data.shardio import SkipCounter, iter_shard
 
@@ -82,3 +84,44 @@ def test_a_damaged_header_counts_as_truncation(tmp_path):
     counter = SkipCounter()
     assert list(iter_shard(path, counter)) == []
     assert counter.skipped_samples() == 1
+
+
+class _FlakyMemoryFS(MemoryFileSystem):
+    """memory:// whose files break the connection once, after 1500 bytes of the first read."""
+
+    protocol = ("flakymem",)
+    opened = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("flakymem://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        data = super()._open(path, mode, **kwargs).getvalue()
+        type(self).opened += 1
+        return _BreakingReader(data) if type(self).opened == 1 else io.BytesIO(data)
+
+
+class _BreakingReader(io.BytesIO):
+    def read(self, size=-1):
+        if self.tell() >= 1500:
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(size)
+
+
+def test_a_connection_reset_mid_shard_reopens_and_resumes(tmp_path, monkeypatch):
+    from pipeline.data import storage
+    from pipeline.data.shardio import register_fsspec_opener
+
+    monkeypatch.setattr(storage, "RETRY_BACKOFF", 0.0)
+    fsspec.register_implementation("flakymem", _FlakyMemoryFS, clobber=True)
+    register_fsspec_opener()
+    path = _tar(tmp_path, tarfile.GNU_FORMAT)
+    with open(path, "rb") as handle:
+        _FlakyMemoryFS().pipe_file("/flaky/shard.tar", handle.read())
+    counter = SkipCounter()
+    flaky = list(iter_shard("flakymem://flaky/shard.tar", counter))
+    assert _FlakyMemoryFS.opened == 2  # broken once, reopened once
+    assert flaky == list(iter_shard(path, SkipCounter()))
+    assert [s["__key__"] for s in flaky] == ["k1", "d" * 120 + "/sample", "x/k2"]
+    assert counter.skipped_samples() == 0
