@@ -36,16 +36,11 @@ def test_list_models_has_the_paper_variants_and_the_small_ones():
     assert list_models() == [f"nfnet_f{i}" for i in range(8)] + ["nfnet_micro", "nfnet_nano"]
 
 
+# The meta-device count is checked against real instantiations of F0 and F1 in
+# test_models_convert.py (the timm parity tests build both).
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_parameter_count_is_exact(name):
     assert count_params(name) == PARAMS[name]
-
-
-def test_meta_count_equals_a_real_instantiation():
-    # F1's real instantiation is checked in test_models_convert (timm parity builds it anyway).
-    model = create_model("nfnet_f0")
-    assert model.blocks[0].conv0.weight.device.type == "cpu"
-    assert sum(p.numel() for p in model.parameters()) == PARAMS["nfnet_f0"]
 
 
 @pytest.mark.parametrize("name", sorted(README_GFLOPS))
