@@ -6,6 +6,7 @@ from pipeline.models.convert import (
     load_timm_weights,
     save_safetensors,
 )
+from pipeline.models.diagnostics import count_flops, count_params, signal_propagation
 from pipeline.models.nfnet import NFBlock, NFNet
 from pipeline.models.registry import create_model, list_models
 from pipeline.models.variants import Variant, get_variant
@@ -14,6 +15,8 @@ __all__ = [
     "NFBlock",
     "NFNet",
     "Variant",
+    "count_flops",
+    "count_params",
     "create_model",
     "get_variant",
     "list_models",
@@ -21,4 +24,5 @@ __all__ = [
     "load_safetensors",
     "load_timm_weights",
     "save_safetensors",
+    "signal_propagation",
 ]

@@ -5,8 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.models import create_model, get_variant, list_models
-from pipeline.models.diagnostics import count_flops, count_params
+from pipeline.models import count_flops, count_params, create_model, get_variant, list_models
 
 # Exact counts for 1000 classes (spec D: derived from DM nfnet.py; they round to the README's
 # 71.5M ... 438.4M and include one skip_gain scalar per block).
