@@ -166,6 +166,7 @@ class TrainStream(IterableDataset):
         shard_urls,
         num_classes,
         *,
+        num_samples,
         batch_size,
         batches_per_epoch,
         rank,
@@ -180,6 +181,7 @@ class TrainStream(IterableDataset):
         allow_pipe=False,
     ) -> None:
         self.shard_urls, self.num_classes = list(shard_urls), num_classes
+        self.num_samples = num_samples
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.transform, self.shuffle_buffer, self.start_batch = (
@@ -189,18 +191,28 @@ class TrainStream(IterableDataset):
         )
         self.counter, self.storage_options, self.allow_pipe = counter, storage_options, allow_pipe
 
+    def _raw_samples(self, shards: Iterator[int], patience: int) -> Iterator[dict]:
+        """The samples of the shards in order; an error after ``patience`` empty shards in a row."""
+        empty = 0
+        for shard in shards:
+            found = False
+            for sample in iter_shard(
+                self.shard_urls[shard], self.counter, self.storage_options, self.allow_pipe
+            ):
+                found = True
+                yield sample
+            empty = 0 if found else empty + 1
+            if empty > patience:
+                raise RuntimeError(
+                    f"{self.shard_urls[shard]}: no shard of the split holds a sample"
+                )
+
     def _samples(self, stream: int, num_workers: int) -> Iterator[tuple[bytes, int]]:
         index = self.rank * num_workers + stream
         shards = shard_sequence(
             len(self.shard_urls), self.seed, self.epoch, index, self.world_size * num_workers
         )
-        raw = (
-            sample
-            for shard in shards
-            for sample in iter_shard(
-                self.shard_urls[shard], self.counter, self.storage_options, self.allow_pipe
-            )
-        )
+        raw = self._raw_samples(shards, 2 * len(self.shard_urls) + self.world_size * num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, stream, _SHUFFLE])
         return shuffled(_labelled(raw, self.num_classes, self.counter), self.shuffle_buffer, rng)
 
@@ -213,17 +225,24 @@ class TrainStream(IterableDataset):
         images, labels, produced = [], [], 0
         if remaining == 0:
             return
+        patience, last_usable = 2 * self.num_samples + self.shuffle_buffer + 100, 0
         for position, (data, label) in enumerate(self._samples(stream, num_workers)):
+            if position - last_usable > patience:
+                raise RuntimeError(
+                    f"{self.shard_urls[0]} (and the other shards of the split): no usable sample "
+                    f"in the last {patience} read ({self.counter.by_reason()})"
+                )
             if to_skip:
                 try:
                     check_image(data)
-                    to_skip -= 1
+                    to_skip, last_usable = to_skip - 1, position
                 except CorruptImage:
                     self.counter.add("corrupt_image")
                 continue
             image = _decode(data, self.counter)
             if image is None:
                 continue
+            last_usable = position
             seed = _sample_seed(self.seed, self.epoch, self.rank, stream, position)
             images.append(_seeded(self.transform, image, seed))
             labels.append(label)
@@ -379,6 +398,7 @@ def make_train_loader(
     dataset = TrainStream(
         split.shard_urls,
         info.num_classes,
+        num_samples=split.num_samples,
         batch_size=batch_size,
         batches_per_epoch=batches_per_epoch,
         rank=rank,

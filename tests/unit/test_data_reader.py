@@ -224,3 +224,15 @@ def test_in_process_loading_leaves_the_callers_random_stream_alone(dataset):
     batches = _train(url, num_workers=0, batches_per_epoch=2)
     assert len(batches) == 2
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_split_without_any_usable_sample_is_an_error_not_a_hang(tmp_path):
+    bad = [{"__key__": f"k{i}", "jpg": b"not a jpeg", "cls": b"1"} for i in range(4)]
+    (tmp_path / "bad.tar").write_bytes(tar_bytes(bad))
+    (tmp_path / "empty.tar").write_bytes(tar_bytes([]))
+    write_info(tmp_path, {"train": [("bad.tar", 4)]}, num_classes=2)
+    with pytest.raises(RuntimeError, match="no usable sample in the last 108 read"):
+        _train(f"file://{tmp_path}", shuffle_buffer=0)
+    write_info(tmp_path, {"train": [("empty.tar", 0)]}, num_classes=2)
+    with pytest.raises(RuntimeError, match="empty.tar: no shard of the split holds a sample"):
+        _train(f"file://{tmp_path}")
