@@ -378,7 +378,14 @@ def make_train_loader(
     allow_pipe: bool = False,
     transform: Callable | None = None,
 ) -> TrainLoader:
-    """Exactly ``batches_per_epoch - start_batch`` training batches of this rank for ``epoch``."""
+    """Exactly ``batches_per_epoch - start_batch`` training batches of this rank for ``epoch``.
+
+    ``url`` is a shard set written by ``write_shards`` (any fsspec URL; ``storage_options`` go
+    to the filesystem). With ``allow_pipe=True`` it may be a ``pipe:`` command template in which
+    ``{path}`` stands for a file name, e.g. ``pipe:aws s3 cp s3://b/set/{path} -``. ``transform``
+    replaces the recipe (uint8 (3, H, W) in, uint8 (3, R, R) out). Batches are float32 NCHW
+    normalised with the ImageNet mean/std, labels int64; ``loader.skipped()`` counts bad samples.
+    """
     _check_positive(
         batch_size=batch_size,
         batches_per_epoch=batches_per_epoch,
@@ -429,7 +436,11 @@ def make_eval_loader(
     allow_pipe: bool = False,
     split: str = EVAL_SPLIT,
 ) -> ShardLoader:
-    """Every sample of ``split`` exactly once across ranks x workers (last batches may be short)."""
+    """Every sample of ``split`` exactly once across ranks x workers (last batches may be short).
+
+    Each rank reads a contiguous range of the split's samples (sizes differ by at most one) and
+    its workers split that range again; arguments as in ``make_train_loader``.
+    """
     _check_positive(batch_size=batch_size, world_size=world_size, resolution=resolution)
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
