@@ -236,3 +236,36 @@ def test_a_split_without_any_usable_sample_is_an_error_not_a_hang(tmp_path):
     write_info(tmp_path, {"train": [("empty.tar", 0)]}, num_classes=2)
     with pytest.raises(RuntimeError, match="empty.tar: no shard of the split holds a sample"):
         _train(f"file://{tmp_path}")
+
+
+def test_every_stored_mode_reaches_the_batch_as_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.unit.test_data_support import png_bytes
+
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    images = {
+        0: Image.new("L", (20, 20), 77),
+        1: Image.new("RGBA", (20, 20), (200, 100, 50, 255)),
+        2: palette,
+        3: Image.fromarray(np.full((20, 20), 257 * 180, dtype=np.uint16)),
+    }
+    samples = [
+        {"__key__": f"m{label}", "png": png_bytes(image), "cls": str(label).encode()}
+        for label, image in images.items()
+    ]
+    (tmp_path / "modes.tar").write_bytes(tar_bytes(samples))
+    write_info(tmp_path, {"validation": [("modes.tar", 4)]}, num_classes=4)
+    loader = make_eval_loader(
+        f"file://{tmp_path}", batch_size=4, rank=0, world_size=1, num_workers=0, resolution=8
+    )
+    ((batch, labels),) = list(loader)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)
+    expected = {0: (77, 77, 77), 1: (200, 100, 50), 2: (10, 20, 30), 3: (180, 180, 180)}
+    for image, label in zip(batch, labels.tolist(), strict=True):
+        rgb = torch.tensor(expected[label], dtype=torch.float64)
+        reference = ((rgb / 255 - mean) / std).view(3, 1, 1).expand(3, 8, 8)
+        assert (image.double() - reference).abs().max().item() < 1e-5
