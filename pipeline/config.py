@@ -53,6 +53,9 @@ class DataSection(Section):
     test_resolution: int | None = Field(None, gt=0, description="None: the variant's")
     randaugment_layers: int | None = Field(None, ge=0)
     randaugment_magnitude: int | None = Field(None, ge=0, le=30)
+    crop_min_area: float = Field(
+        0.08, gt=0, le=1, description="DM dataset.py: Inception crop area (0.08, 1)"
+    )
     mixup_alpha: float = Field(0.2, ge=0, description="DM experiment_nfnets.py: Beta(0.2, 0.2)")
     cutmix: bool = Field(True, description="DM: CutMix on the other half of each batch")
     shuffle_buffer: int = Field(1000, ge=0)

@@ -30,7 +30,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.decode import CorruptImage, check_image, decode_rgb, image_bytes
 from pipeline.data.info import read_info
 from pipeline.data.shardio import SkipCounter, iter_shard
-from pipeline.data.transforms import FusedTrainTransform, eval_transform, normalize_batch
+from pipeline.data.transforms import (
+    CROP_AREA,
+    FusedTrainTransform,
+    eval_transform,
+    normalize_batch,
+)
 
 # Distinct streams of randomness derived from the same user seed.
 _SHARD_ORDER, _SHUFFLE, _AUGMENT = 0x5A4D, 0x5B5F, 0x5C6E
@@ -377,6 +382,7 @@ def make_train_loader(
     pin_memory: bool = False,
     allow_pipe: bool = False,
     transform: Callable | None = None,
+    crop_min_area: float = CROP_AREA[0],
 ) -> TrainLoader:
     """Exactly ``batches_per_epoch - start_batch`` training batches of this rank for ``epoch``.
 
@@ -416,7 +422,9 @@ def make_train_loader(
         start_batch=start_batch,
         counter=counter,
         transform=transform
-        or FusedTrainTransform(resolution, randaugment_layers, randaugment_magnitude),
+        or FusedTrainTransform(
+            resolution, randaugment_layers, randaugment_magnitude, crop_min_area
+        ),
         storage_options=storage_options,
         allow_pipe=allow_pipe,
     )

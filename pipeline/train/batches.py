@@ -108,6 +108,7 @@ class ShardBatches:
         seed: int,
         loader_workers: int,
         shuffle_buffer: int,
+        crop_min_area: float,
         storage_options: dict,
         allow_pipe: bool,
         pin_memory: bool,
@@ -115,6 +116,7 @@ class ShardBatches:
         self.url, self.val_url, self.plan, self.rank = url, val_url, plan, rank
         self.seed, self.loader_workers = seed, loader_workers
         self.shuffle_buffer, self.storage_options = shuffle_buffer, storage_options
+        self.crop_min_area = crop_min_area
         self.allow_pipe, self.pin_memory = allow_pipe, pin_memory
         self._loader = None
 
@@ -142,6 +144,7 @@ class ShardBatches:
             storage_options=self.storage_options,
             pin_memory=self.pin_memory,
             allow_pipe=self.allow_pipe,
+            crop_min_area=self.crop_min_area,
         )
         return self._loader
 

@@ -180,6 +180,7 @@ class Trainer:
             seed=self.config.train.seed,
             loader_workers=data.loader_workers,
             shuffle_buffer=data.shuffle_buffer,
+            crop_min_area=data.crop_min_area,
             storage_options=data.storage_options,
             allow_pipe=data.allow_pipe,
             pin_memory=self.config.scaling.use_gpu,
