@@ -25,14 +25,15 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int = 1000, **overrides: object) -> NFNet:
     """Build the registered NFNet ``name``; overrides: drop_rate, stochdepth_rate, padding,
-    numerics, activation, alpha, se_ratio."""
+    numerics, activation, alpha, se_ratio, channels_last."""
     variant = get_variant(name)
     numerics = str(overrides.pop("numerics", "official"))
+    channels_last = bool(overrides.pop("channels_last", True))
     unknown = sorted(set(overrides) - _VARIANT_OVERRIDES)
     if unknown:
         raise ValueError(
             f"create_model({name!r}): unknown override(s) {unknown}; "
-            f"allowed: {sorted(_VARIANT_OVERRIDES | {'numerics'})}"
+            f"allowed: {sorted(_VARIANT_OVERRIDES | {'numerics', 'channels_last'})}"
         )
     variant = dataclasses.replace(variant, **overrides)
-    return NFNet(variant, num_classes=num_classes, numerics=numerics)
+    return NFNet(variant, num_classes, numerics, channels_last)

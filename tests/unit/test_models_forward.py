@@ -57,3 +57,19 @@ def test_forward_backward_meta(name):
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
     assert all(p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_channels_last_is_a_layout_choice_only():
+    torch.manual_seed(0)
+    nhwc = create_model("nfnet_micro", num_classes=10).eval()
+    nchw = create_model("nfnet_micro", num_classes=10, channels_last=False).eval()
+    nchw.load_state_dict(nhwc.state_dict())
+    _unit_skip_gains(nhwc)
+    _unit_skip_gains(nchw)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = nhwc.forward_features(x)
+        assert features.is_contiguous(memory_format=torch.channels_last)
+        assert nchw.forward_features(x).is_contiguous()
+        expected = nchw(x)
+        assert (nhwc(x) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
