@@ -67,7 +67,12 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=192)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args, _ = parser.parse_known_args(argv)
+    if args.threads:
+        # With another process busy on a core, 2 OpenMP threads spin-wait on each other; one
+        # thread then gives the steadier ratio.
+        torch.set_num_threads(args.threads)
     models = _models()
     images = torch.randn(args.batch, 3, args.resolution, args.resolution)
     with torch.no_grad():
