@@ -198,10 +198,13 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
-    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+    if not key:  # a check across sections names its keys itself
+        return message
+    return f"'{key}': {message} (got {error.get('input')!r})"
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

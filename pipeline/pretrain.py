@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline.config import EXIT_BAD_INPUT, ConfigError, RunConfig, load_config_or_exit, to_yaml
@@ -52,6 +53,35 @@ def check_reachable(config: RunConfig) -> None:
         raise ConfigError(f"tracking.uri: {exc}") from exc
 
 
+def check_cluster(config: RunConfig) -> None:
+    """The Ray cluster answers and, when GPUs are asked for, has one per worker."""
+    scaling = config.scaling
+    address = scaling.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        import ray
+
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            gpus = ray.cluster_resources().get("GPU", 0)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, …
+            raise ConfigError(
+                f"scaling.ray_address: cannot reach Ray at {address}: {exc}"
+            ) from None
+        finally:
+            ray.shutdown()
+        where = f"the Ray cluster at {address}"
+    else:
+        import torch
+
+        gpus, where = torch.cuda.device_count(), "this machine (no Ray address given)"
+    if scaling.use_gpu and gpus < scaling.num_workers:
+        raise ConfigError(
+            f"scaling.use_gpu: {scaling.num_workers} workers need {scaling.num_workers} GPUs but "
+            f"{where} has {int(gpus)}; set scaling.use_gpu=false or point scaling.ray_address "
+            "at a GPU cluster"
+        )
+
+
 def print_plan(config: RunConfig, plan: Plan) -> None:
     """The dry run's report: resolved config, DeepSpeed config, scaling plan."""
     print("# resolved config\n" + to_yaml(config))
@@ -79,6 +109,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
         if args.dry_run:
             print_plan(config, plan)
         check_reachable(config)
+        check_cluster(config)
     except (ConfigError, StorageError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None

@@ -16,6 +16,8 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.models import get_variant, list_models
 from pipeline.optim import base_learning_rate, default_clipping
 
+PAPER_BATCH = 4096  # DM experiment_nfnets.py: the batch the paper's λ = 0.01 was tuned at
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -69,6 +71,12 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
         1, math.ceil(train.epochs * train_samples / train.global_batch)
     )
     clipping = None
+    if optim.use_agc and optim.clipping is None and train.global_batch > PAPER_BATCH:
+        raise ConfigError(
+            f"optim.clipping: no AGC λ is documented for global batch {train.global_batch} "
+            f"(the paper's largest is {PAPER_BATCH}, with λ = 0.01); set optim.clipping "
+            "explicitly (smaller is safer at larger batch)"
+        )
     if optim.use_agc:
         clipping = _pick(optim.clipping, default_clipping(train.global_batch))
     gpu = scaling.use_gpu
