@@ -95,6 +95,9 @@ class TrainSection(Section):
         None, gt=0, description="leave after this step as if preempted; run again to resume"
     )
     log_every: int = Field(10, gt=0)
+    time_allreduce: bool = Field(
+        False, description="time DeepSpeed's gradient all-reduce (metric train/allreduce_fraction)"
+    )
     eval_every: int = Field(1000, gt=0)
     eval_batches: int | None = Field(None, gt=0, description="None: the whole validation split")
 

@@ -37,6 +37,20 @@ def demo_env() -> dict[str, str]:
     return env
 
 
+def ray_head_answers() -> bool:
+    """Whether a Ray job server already listens on the demo's dashboard port."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version", timeout=2)
+    except urllib.error.HTTPError:
+        return True  # it answers (401 with token authentication)
+    except OSError:
+        return False
+    return True
+
+
 def write_shards(out: Path, samples: int) -> tuple[str, str]:
     """Pretraining and downstream shards (skipped when complete: the writer resumes)."""
     shapes, digits = f"file://{out}/shards/shapes", f"file://{out}/shards/digits"
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out")
     parser.add_argument("--samples", type=int, default=8000, help="shapes images to write")
-    parser.add_argument("--every", type=int, default=200, help="finetune every N pretrain steps")
+    parser.add_argument("--every", type=int, default=400, help="finetune every N pretrain steps")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     started = time.monotonic()
@@ -99,14 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpoint.storage_url=file://{out}/runs",
         f"tracking.uri=sqlite:///{out}/mlflow.db",
     ]
-    sh("ray", "stop", "--force", env=env, check=False)
-    sh("ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-       "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "4", "--disable-usage-stats",
-       env=env)  # fmt: skip
+    started_ray = not ray_head_answers()
+    if started_ray:
+        # 4 logical CPUs on 2 cores: the 2 training workers and the job drivers fit side by side.
+        sh("ray", "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT),
+           "--num-cpus", "4", "--disable-usage-stats", env=env)  # fmt: skip
+    else:
+        print(f"using the Ray head already answering on 127.0.0.1:{DASHBOARD_PORT}")
     try:
         return run_pipeline(args, out, shapes, digits, common, started)
     finally:
-        sh("ray", "stop", "--force", env=env, check=False)
+        if started_ray:
+            sh("ray", "stop", env=env, check=False)
 
 
 def run_pipeline(args, out: Path, shapes: str, digits: str, common: list[str], started: float):

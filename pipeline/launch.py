@@ -37,7 +37,8 @@ def default_run_name(config: RunConfig, kind: str, origin: dict[str, Any] | None
         return config.tracking.run_name
     settings = config.model_dump(mode="json")
     settings["train"].pop("stop_after")  # stopping early and resuming is the same run
-    identity = {"config": settings, "origin": origin or {}}
+    settings["tracking"].pop("uri")  # the same store, however its path is written
+    identity = {"config": settings, "origin": {k: v for k, v in (origin or {}).items() if v}}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode())
     return f"{kind}-{config.model.name}-{digest.hexdigest()[:8]}"
 

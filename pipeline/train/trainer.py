@@ -280,6 +280,11 @@ class Trainer:
         metrics = stats.summary(self.plan.num_workers)
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["data/skipped_samples"] = float(self.batches.skipped)
+        if self.config.train.time_allreduce:
+            from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
+
+            allreduce_ms = self.engine.timers(BACKWARD_REDUCE_GLOBAL_TIMER).elapsed(reset=True)
+            metrics["train/allreduce_fraction"] = allreduce_ms / 1000 / max(stats.step_time, 1e-9)
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.step)
         elapsed = time.perf_counter() - started

@@ -1,0 +1,84 @@
+"""``python -m pipeline.bench scaling``: images/s of 2 data-parallel workers against 1.
+
+Each run is a real pretraining run (``python -m pipeline.pretrain``: Ray Train, DeepSpeed with
+gloo, shards read by the streaming loader) of ``nfnet_micro`` at 32 px on ``shapes`` shards,
+with the same micro-batch per worker (weak scaling: 1 worker trains batch 32, 2 workers batch
+64). Reported from the run's own MLflow metrics, the first log interval (warm-up) left out:
+total images/s, the 2-vs-1 ratio, and the shares of step time spent waiting for data and in
+DeepSpeed's gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METRICS = ("train/images_per_s", "train/data_wait_fraction", "train/allreduce_fraction")
+
+
+def run_once(workdir: Path, shards: str, workers: int, steps: int) -> dict[str, float]:
+    """One pretraining run; the mean of each metric over its log intervals but the first."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    experiment = f"scaling-{workers}"
+    overrides = [
+        "model.name=nfnet_micro",
+        f"data.train_url={shards}",
+        "data.train_resolution=32",
+        "data.loader_workers=1",
+        f"train.global_batch={32 * workers}",
+        "train.micro_batch=32",
+        f"train.steps={steps}",
+        f"train.log_every={max(steps // 6, 1)}",
+        f"train.eval_every={steps * 10}",
+        "train.time_allreduce=true",
+        f"checkpoint.storage_url=file://{workdir}/runs",
+        f"checkpoint.every_steps={steps}",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={experiment}",
+        f"scaling.num_workers={workers}",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipeline.pretrain", "--config", "configs/demo.yaml"]
+    subprocess.run([*command, *overrides], cwd=ROOT, env=env, check=True, capture_output=True)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    figures = {}
+    for key in METRICS:
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        values = [m.value for m in history[1:]] or [m.value for m in history]
+        figures[key] = statistics.fmean(values) if values else float("nan")
+    return figures
+
+
+def main(argv: list[str]) -> dict:
+    """Run 1 then 2 workers and print the scaling report."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench scaling")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    args, _ = parser.parse_known_args(argv)
+    from pipeline.data import write_shards
+    from pipeline.data.sources import shapes
+
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
+        workdir = Path(folder)
+        shards = f"file://{workdir}/shapes"
+        write_shards(shapes(4000, 64, seed=0), shards, samples_per_shard=500, progress=False)
+        results = {workers: run_once(workdir, shards, workers, args.steps) for workers in (1, 2)}
+    one, two = results[1]["train/images_per_s"], results[2]["train/images_per_s"]
+    print(f"{'workers':>8} {'images/s':>10} {'data wait':>10} {'all-reduce':>11}")
+    for workers, figures in results.items():
+        print(
+            f"{workers:>8} {figures['train/images_per_s']:>10.1f} "
+            f"{figures['train/data_wait_fraction']:>10.1%} "
+            f"{figures['train/allreduce_fraction']:>11.1%}"
+        )
+    print(f"2 workers / 1 worker: {two / one:.2f}x (goal >= 1.6x)")
+    return {"ratio_2_over_1": two / one, "runs": {str(k): v for k, v in results.items()}}

@@ -1,0 +1,35 @@
+"""Run identity: the same command names the same run, so running it again resumes it."""
+
+from pipeline.config import load_config
+from pipeline.launch import default_run_name, storage_target
+
+
+def test_same_command_same_run_name_whatever_stop_after_or_uri_spelling():
+    base = load_config(None, ["model.name=nfnet_nano"])
+    stopped = load_config(None, ["model.name=nfnet_nano", "train.stop_after=5"])
+    other_uri = load_config(None, ["model.name=nfnet_nano", "tracking.uri=sqlite:////abs/x.db"])
+    name = default_run_name(base, "pretrain")
+    assert name.startswith("pretrain-nfnet_nano-")
+    assert default_run_name(stopped, "pretrain") == name
+    assert default_run_name(other_uri, "pretrain") == name
+    assert default_run_name(base, "pretrain", {"tags": None, "init": None}) == name
+
+
+def test_a_different_recipe_or_origin_is_a_different_run():
+    base = load_config(None, ["model.name=nfnet_nano"])
+    name = default_run_name(base, "pretrain")
+    assert default_run_name(load_config(None, ["optim.lr=0.3"]), "pretrain") != name
+    finetunes = {
+        default_run_name(base, "finetune", {"init": {"kind": "checkpoint", "url": f"s/{step}"}})
+        for step in (100, 200)
+    }
+    assert len(finetunes) == 2 and name not in finetunes
+    assert default_run_name(load_config(None, ["tracking.run_name=mine"]), "x") == "mine"
+
+
+def test_storage_targets():
+    path, filesystem = storage_target("file:///tmp/runs", {})
+    assert (path, filesystem) == ("/tmp/runs", None)
+    path, filesystem = storage_target("s3://bucket/runs", {"anon": True})
+    assert path == "bucket/runs" and filesystem is not None
+    assert storage_target("s3://bucket/runs", {}) == ("s3://bucket/runs", None)
