@@ -241,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot reach run {args.pretrain_run} or Ray at {args.ray_address}: {exc}",
               file=sys.stderr)  # fmt: skip
         return EXIT_BAD_INPUT
-    live = sys.stdout.isatty()
+    live, shown = sys.stdout.isatty(), ""
     while True:
         pairs, done = scheduler.tick()
         table = render(pairs, done, args.pretrain_run)
-        print(("\033[H\033[J" if live else "") + table, flush=True)
+        if live or table != shown:  # a terminal redraws in place; a log gets each change once
+            print(("\033[H\033[J" if live else "") + table, flush=True)
+            shown = table
         if done or args.once:
             failed = [p for p in pairs if p.state != "SUCCEEDED"]
             return 1 if done and failed else 0
