@@ -93,6 +93,10 @@ class Pair:
         return self.attempts[-1] if self.attempts else "WAITING"
 
 
+def _forwarded_env() -> dict[str, str]:
+    return {key: os.environ[key] for key in ("DS_ACCELERATOR",) if key in os.environ}
+
+
 def submission_id(run_id: str, step: int, task: str, attempt: int) -> str:
     """The deterministic Ray submission id of one attempt."""
     return f"finetune-{run_id[:12]}-{task}-step{step}-try{attempt}"
@@ -170,7 +174,9 @@ class Scheduler:
             entrypoint=shlex.join(argv),
             submission_id=self._id(pair, attempt),
             entrypoint_num_cpus=pair.task.num_cpus,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}},
+            # Pass the scheduler's accelerator choice on only when it made one (GPU clusters
+            # let DeepSpeed detect CUDA).
+            runtime_env={"env_vars": _forwarded_env()},
             metadata={"pretrain_run": self.args.pretrain_run, "step": str(pair.step),
                       "task": pair.task.name, "attempt": str(attempt)},
         )  # fmt: skip
