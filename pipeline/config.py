@@ -159,9 +159,37 @@ class RunConfig(Section):
         """Micro-batches per worker per optimizer step: global = micro × accumulation × workers."""
         return self.train.global_batch // (self.train.micro_batch * self.scaling.num_workers)
 
+    def with_absolute_paths(self) -> RunConfig:
+        """A copy whose local paths and file:// URLs are absolute.
+
+        Ray Train workers and Ray jobs run in directories of their own, so a relative
+        ``file://data`` must be resolved where the command was typed.
+        """
+        copy = self.model_copy(deep=True)
+        copy.data.train_url = absolute_url(copy.data.train_url)
+        if copy.data.val_url:
+            copy.data.val_url = absolute_url(copy.data.val_url)
+        copy.checkpoint.storage_url = absolute_url(copy.checkpoint.storage_url)
+        if copy.tracking.uri.startswith("sqlite:///") and not copy.tracking.uri.startswith(
+            "sqlite:////"
+        ):
+            copy.tracking.uri = f"sqlite:///{Path(copy.tracking.uri[10:]).resolve()}"
+        return copy
+
     def flat(self) -> dict[str, Any]:
         """The config as ``{"section.key": value}``, the form MLflow params take."""
         return dict(_flatten(self.model_dump(mode="json")))
+
+
+def absolute_url(url: str) -> str:
+    """``file://rel/path`` or ``rel/path`` -> ``file:///abs/path``; other URLs unchanged."""
+    if url.startswith("file://"):
+        path = url.removeprefix("file://")
+    elif "://" not in url and ":" not in url.split("/")[0]:
+        path = url
+    else:
+        return url
+    return f"file://{Path(path).resolve()}"
 
 
 def _flatten(tree: dict[str, Any], prefix: str = ""):

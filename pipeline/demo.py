@@ -142,7 +142,8 @@ def run_pipeline(args, out: Path, shapes: str, digits: str, common: list[str], s
     pretrain = ["python", "-m", "pipeline.pretrain", "--config", "configs/demo.yaml", *overrides]
     job = client.submit_job(entrypoint=shlex.join(pretrain))
     print(f"submitted pretraining as Ray job {job}: {shlex.join(pretrain)}", flush=True)
-    run_name = default_run_name(load_config(ROOT / "configs/demo.yaml", overrides), "pretrain")
+    config = load_config(ROOT / "configs/demo.yaml", overrides).with_absolute_paths()
+    run_name = default_run_name(config, "pretrain")
     run_id = wait_for_marker(out / "runs" / run_name / RUN_ID_FILE, job, client)
     print(f"pretraining MLflow run: {run_id}", flush=True)
     scratch = [

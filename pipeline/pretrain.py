@@ -102,7 +102,7 @@ def print_plan(config: RunConfig, plan: Plan) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
     """Config, plan and checks; any bad input exits 2 with the key or URL named."""
-    config = load_config_or_exit(args.config, args.overrides)
+    config = load_config_or_exit(args.config, args.overrides).with_absolute_paths()
     try:
         plan = resolve(config)
         deepspeed_config(config, plan)

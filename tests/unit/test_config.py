@@ -93,3 +93,20 @@ def test_flat_params_are_dotted():
     assert flat["optim.weight_decay"] == 2e-5
     assert flat["model.name"] == "nfnet_f0"
     assert all(key.count(".") == 1 for key in flat)
+
+
+def test_relative_paths_become_absolute_for_workers_in_other_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(
+        None,
+        [
+            "data.train_url=file://shards/shapes",
+            "checkpoint.storage_url=runs",
+            "tracking.uri=sqlite:///mlflow.db",
+        ],
+    ).with_absolute_paths()
+    assert config.data.train_url == f"file://{tmp_path}/shards/shapes"
+    assert config.checkpoint.storage_url == f"file://{tmp_path}/runs"
+    assert config.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    remote = load_config(None, ["data.train_url=s3://bucket/shards"]).with_absolute_paths()
+    assert remote.data.train_url == "s3://bucket/shards"
