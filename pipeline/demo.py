@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out")
     parser.add_argument("--samples", type=int, default=8000, help="shapes images to write")
-    parser.add_argument("--every", type=int, default=400, help="finetune every N pretrain steps")
+    parser.add_argument("--every", type=int, default=500, help="finetune every N pretrain steps")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     started = time.monotonic()
