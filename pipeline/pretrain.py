@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+from urllib.parse import urlsplit
 
 from pipeline.config import EXIT_BAD_INPUT, ConfigError, RunConfig, load_config_or_exit, to_yaml
 from pipeline.data.storage import StorageError, atomic_write_bytes, remove_url
@@ -26,12 +28,52 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     return parser.parse_args(argv)
 
 
+ENDPOINT_TIMEOUT_S = 5.0  # one TCP connect: a dead endpoint fails in seconds, not minutes
+
+
+def check_endpoint(key: str, address: str | None) -> None:
+    """Raise ConfigError naming ``key`` unless ``address`` (URL or host:port) accepts a connection.
+
+    Storage and Ray clients retry a refused connection for a minute or more (s3fs and botocore
+    each retry, Ray waits for its GCS), which is right mid-run and wrong for a typo at start-up.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    default_port = {"http": 80, "https": 443, "ray": 10001}.get(parts.scheme)
+    try:
+        host, port = parts.hostname, parts.port or default_port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ConfigError(f"{key}: {address!r} is not a URL or host:port with a port")
+    try:
+        socket.create_connection((host, port), timeout=ENDPOINT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"{key}: {address} does not accept connections ({exc})") from None
+
+
+def check_storage_endpoint(section: str, storage_options: dict) -> None:
+    """A custom object-store endpoint in ``storage_options`` answers."""
+    client_kwargs = storage_options.get("client_kwargs") or {}
+    if isinstance(client_kwargs, dict):
+        key = f"{section}.storage_options.client_kwargs.endpoint_url"
+        check_endpoint(key, client_kwargs.get("endpoint_url"))
+    check_endpoint(f"{section}.storage_options.endpoint_url", storage_options.get("endpoint_url"))
+
+
 def resolve(config: RunConfig) -> Plan:
     """Read the dataset's shape and resolve the plan; bad input raises ConfigError/StorageError."""
     data = config.data
+    if data.train_url.startswith("pipe:") and not data.allow_pipe:
+        raise ConfigError(
+            f"data.train_url: {data.train_url!r} is a pipe: URL, which runs a shell command; "
+            "set data.allow_pipe=true only if you trust the config"
+        )
+    check_storage_endpoint("data", data.storage_options)
     try:
         shape = describe_dataset(data.train_url, data.storage_options)
-    except ValueError as exc:
+    except (ValueError, StorageError) as exc:
         raise ConfigError(f"data.train_url: {exc}") from exc
     return make_plan(config, shape.num_classes, shape.train_samples, shape.val_samples)
 
@@ -41,6 +83,7 @@ def check_reachable(config: RunConfig) -> None:
     from pipeline.tracking import TrackingError, check_tracking_uri
 
     storage, options = config.checkpoint.storage_url, config.checkpoint.storage_options
+    check_storage_endpoint("checkpoint", options)
     probe = f"{storage.rstrip('/')}/.write-probe"
     try:
         atomic_write_bytes(probe, b"ok", options)
@@ -59,6 +102,8 @@ def check_cluster(config: RunConfig) -> None:
     address = scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         import ray
+
+        check_endpoint("scaling.ray_address", address)
 
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
