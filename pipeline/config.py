@@ -46,7 +46,9 @@ class ModelSection(Section):
 class DataSection(Section):
     """Where the shards are and how they are read and augmented."""
 
-    train_url: str = Field("file://data/shapes", description="fsspec URL of the training shards")
+    train_url: str = Field(
+        "file://data/shapes", min_length=1, description="fsspec URL of the training shards"
+    )
     val_url: str | None = Field(None, description="None: the validation split next to train_url")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
     train_resolution: int | None = Field(None, gt=0, description="None: the variant's")
@@ -105,7 +107,9 @@ class TrainSection(Section):
 class CheckpointSection(Section):
     """Where and how often checkpoints are written."""
 
-    storage_url: str = Field("file://runs", description="Ray Train storage: file:// or s3://")
+    storage_url: str = Field(
+        "file://runs", min_length=1, description="Ray Train storage: file:// or s3://"
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict)
     every_steps: int = Field(1000, gt=0)
     keep: int = Field(3, gt=0, description="checkpoints kept by Ray Train")
@@ -114,7 +118,7 @@ class CheckpointSection(Section):
 class TrackingSection(Section):
     """MLflow."""
 
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    uri: str = Field("sqlite:///mlflow.db", min_length=1, description="MLflow tracking URI")
     experiment: str = "nfnet-pretrain"
     run_name: str | None = None
     registered_model: str | None = Field(None, description="None: no model registration")
