@@ -256,7 +256,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    tree = apply_overrides(tree, overrides or [])
+    try:
+        tree = apply_overrides(tree, overrides or [])
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
