@@ -102,6 +102,28 @@ def submission_id(run_id: str, step: int, task: str, attempt: int) -> str:
     return f"finetune-{run_id[:12]}-{task}-step{step}-try{attempt}"
 
 
+def finetune_argv(
+    task: TaskSpec,
+    run_id: str,
+    step: int,
+    tracking_uri: str,
+    experiment: str,
+    model_name: str | None,
+) -> list[str]:
+    """The finetune command of one (checkpoint, task) pair as an argument list (never a string)."""
+    return [
+        "python", "-m", "pipeline.finetune",
+        "--config", task.config,
+        "--from", f"{run_id}@{step}",
+        "--task", task.name,
+        f"data.train_url={task.train_url}",
+        f"tracking.uri={tracking_uri}",
+        f"tracking.experiment={experiment}",
+        *([f"model.name={model_name}"] if model_name else []),
+        *task.overrides,
+    ]  # fmt: skip
+
+
 class Scheduler:
     """Turns checkpoint milestones into finetune Ray jobs."""
 
@@ -159,17 +181,11 @@ class Scheduler:
     def submit(self, pair: Pair) -> None:
         """Submit the next attempt of one pair as a Ray job (arguments as one quoted list)."""
         attempt = len(pair.attempts)
-        argv = [
-            "python", "-m", "pipeline.finetune",
-            "--config", pair.task.config,
-            "--from", f"{self.args.pretrain_run}@{pair.step}",
-            "--task", pair.task.name,
-            f"data.train_url={pair.task.train_url}",
-            f"tracking.uri={self.args.tracking_uri}",
-            f"tracking.experiment={self.mlflow.get_experiment(self.run.info.experiment_id).name}",
-            *([f"model.name={self.model_name}"] if self.model_name else []),
-            *pair.task.overrides,
-        ]  # fmt: skip
+        experiment = self.mlflow.get_experiment(self.run.info.experiment_id).name
+        argv = finetune_argv(
+            pair.task, self.args.pretrain_run, pair.step, self.args.tracking_uri, experiment,
+            self.model_name,
+        )  # fmt: skip
         self.ray.submit_job(
             entrypoint=shlex.join(argv),
             submission_id=self._id(pair, attempt),
