@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,25 @@ def test_planted_secrets_appear_nowhere_a_real_run_writes(tmp_path, ray_cluster,
     assert any(p.name == "model.safetensors" for p in checkpoints)
     leaks = {str(p): _found(p.read_bytes()) for p in artifacts + checkpoints}
     assert {name: found for name, found in leaks.items() if found} == {}
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port``, as ``ss -ltn`` reports them."""
+    # ss rather than /proc/net/tcp: sandboxed kernels (gVisor) leave /proc/net/tcp empty.
+    table = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+    found = set()
+    for line in table.splitlines():
+        address, _, local_port = line.split()[3].rpartition(":")
+        if int(local_port) == port:
+            found.add(address.strip("[]").removeprefix("::ffff:"))
+    return found
+
+
+@pytest.mark.integration
+def test_dashboard_and_mlflow_server_listen_on_loopback_only(ray_cluster, mlflow_server):
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to list listening sockets")
+    dashboard_port = int(ray_cluster.dashboard_url.rsplit(":", 1)[1])
+    mlflow_port = int(mlflow_server.rsplit(":", 1)[1])
+    assert listening_addresses(dashboard_port) == {"127.0.0.1"}
+    assert listening_addresses(mlflow_port) == {"127.0.0.1"}
