@@ -281,3 +281,22 @@ def test_dashboard_and_mlflow_server_listen_on_loopback_only(ray_cluster, mlflow
     mlflow_port = int(mlflow_server.rsplit(":", 1)[1])
     assert listening_addresses(dashboard_port) == {"127.0.0.1"}
     assert listening_addresses(mlflow_port) == {"127.0.0.1"}
+
+
+def test_pipe_url_works_once_allowed(tmp_path, capsys, monkeypatch):
+    """The control: with data.allow_pipe=true the same kind of URL is read through the shell."""
+    from pipeline.data import write_shards
+    from pipeline.data.sources import shapes
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    write_shards(shapes(40, 16, seed=0), f"file://{tmp_path}/set", samples_per_shard=20,
+                 val_samples=8, progress=False)  # fmt: skip
+    config = tmp_path / "pipe.yaml"
+    base = {"model": {"name": "nfnet_nano"}, "train": {"global_batch": 16, "micro_batch": 8},
+            "checkpoint": {"storage_url": f"file://{tmp_path}/runs"},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}  # fmt: skip
+    config.write_text(yaml.safe_dump(base))
+    url = f"data.train_url=pipe:cat {tmp_path}/set/{{path}}"
+    argv = ["--config", str(config), "--dry-run", "data.allow_pipe=true", url]
+    assert pretrain.main(argv) == 0
+    assert "32 training samples" in capsys.readouterr().out
