@@ -206,7 +206,11 @@ class Scheduler:
         for pair in pairs:
             retryable = pair.state in FAILED_RAY and len(pair.attempts) <= self.args.retries
             if running < self.args.max_running and (pair.state == "WAITING" or retryable):
-                self.submit(pair)
+                try:
+                    self.submit(pair)
+                except RuntimeError as exc:  # the job server is not ready: try again next pass
+                    print(f"warning: could not submit step {pair.step} {pair.task.name}: {exc}")
+                    continue
                 running += 1
         retries = self.args.retries
         settled = all(

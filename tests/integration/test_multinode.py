@@ -5,7 +5,6 @@ moto's S3 server, metrics to an MLflow server over HTTP."""
 from __future__ import annotations
 
 import pytest
-import ray
 from ray.util.state import list_actors
 from safetensors.torch import load_file
 
@@ -22,14 +21,12 @@ from tests.integration.test_pretrain import (
 pytestmark = pytest.mark.integration
 
 
-def train_worker_nodes(address: str) -> dict[str, str]:
-    """actor id -> node id of every Ray Train worker the cluster has seen."""
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)
-        return {actor.actor_id: actor.node_id for actor in actors}
-    finally:
-        ray.shutdown()
+def train_worker_nodes(dashboard_url: str) -> dict[str, str]:
+    """actor id -> node id of every Ray Train worker the cluster has seen (Ray's state API)."""
+    actors = list_actors(
+        address=dashboard_url, filters=[("class_name", "=", "RayTrainWorker")], limit=1000
+    )
+    return {actor.actor_id: actor.node_id for actor in actors}
 
 
 def test_two_nodes_one_worker_each_equal_one_node(
@@ -43,7 +40,7 @@ def test_two_nodes_one_worker_each_equal_one_node(
     for name, resources in (("one-node", {}), ("two-nodes", {"node_slot": 1})):
         if resources:
             ray_cluster.add_node(num_cpus=2, resources='{"node_slot": 1}')
-            before = train_worker_nodes(ray_cluster.address)
+            before = train_worker_nodes(ray_cluster.dashboard_url)
         config = small_run_config(
             tmp_path,
             name,
@@ -67,7 +64,7 @@ def test_two_nodes_one_worker_each_equal_one_node(
         fs.get(f"{latest}/model.safetensors", str(tmp_path / f"{name}.safetensors"))
         weights[name] = load_file(tmp_path / f"{name}.safetensors")
 
-    after = train_worker_nodes(ray_cluster.address)
+    after = train_worker_nodes(ray_cluster.dashboard_url)
     new_workers = {actor: node for actor, node in after.items() if actor not in before}
     assert len(new_workers) == 2
     assert len(set(new_workers.values())) == 2  # one worker on each node
