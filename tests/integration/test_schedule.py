@@ -103,9 +103,9 @@ def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
     again = schedule(ray_cluster, mlflow_server, run_id, jobs, "--once")  # a restarted scheduler
     assert again.returncode == 0
 
-    submitted = [
-        j for j in ray_jobs.list_jobs() if (j.metadata or {}).get("pretrain_run") == run_id
-    ]
+    # The scheduler may end once MLflow shows the finetune runs finished, while their Ray jobs
+    # are still exiting: let them settle before reading their final statuses.
+    submitted = wait_until_settled(ray_jobs, run_id)
     attempts = sorted((j.metadata["step"], j.metadata["attempt"]) for j in submitted)
     assert attempts == [("10", "0"), ("10", "1"), ("5", "0"), ("5", "1")]  # nothing twice
     by_attempt = {(j.metadata["step"], j.metadata["attempt"]): j for j in submitted}
