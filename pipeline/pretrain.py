@@ -14,9 +14,8 @@ import sys
 from urllib.parse import urlsplit
 
 from pipeline.config import EXIT_BAD_INPUT, ConfigError, RunConfig, load_config_or_exit, to_yaml
-from pipeline.data.info import read_info
 from pipeline.data.storage import StorageError, atomic_write_bytes, remove_url
-from pipeline.train.batches import DatasetShape, describe_dataset
+from pipeline.train.batches import describe_dataset
 from pipeline.train.plan import Plan, deepspeed_config, make_plan
 
 
@@ -73,12 +72,7 @@ def resolve(config: RunConfig) -> Plan:
         )
     check_storage_endpoint("data", data.storage_options)
     try:
-        if data.train_url.startswith("pipe:"):  # consented above; describe_dataset never pipes
-            info = read_info(data.train_url, data.storage_options, allow_pipe=True)
-            train, val = info.splits["train"], info.splits["validation"]
-            shape = DatasetShape(info.num_classes, train.num_samples, val.num_samples)
-        else:
-            shape = describe_dataset(data.train_url, data.storage_options)
+        shape = describe_dataset(data.train_url, data.storage_options, allow_pipe=data.allow_pipe)
     except (ValueError, StorageError) as exc:
         raise ConfigError(f"data.train_url: {exc}") from exc
     return make_plan(config, shape.num_classes, shape.train_samples, shape.val_samples)

@@ -43,12 +43,14 @@ def _synthetic_params(url: str) -> dict[str, int]:
     return params
 
 
-def describe_dataset(url: str, storage_options: dict | None = None) -> DatasetShape:
+def describe_dataset(
+    url: str, storage_options: dict | None = None, allow_pipe: bool = False
+) -> DatasetShape:
     """Class count and split sizes, from ``_info.json`` (or the synthetic URL's parameters)."""
     if url.startswith(SYNTHETIC):
         params = _synthetic_params(url)
         return DatasetShape(params["classes"], params["samples"], params["samples"] // 4)
-    info = read_info(url, storage_options)
+    info = read_info(url, storage_options, allow_pipe=allow_pipe)
     return DatasetShape(
         info.num_classes, info.splits["train"].num_samples, info.splits["validation"].num_samples
     )
