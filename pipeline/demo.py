@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     started_ray = not ray_head_answers()
     if started_ray:
-        # 4 logical CPUs on 2 cores: the 2 training workers and the job drivers fit side by side.
+        # 8 logical CPUs on 2 cores: pretraining (2 workers), a finetune and the scratch baseline
+        # (1 driver + 2 workers each) run side by side and share the cores.
         sh("ray", "start", "--head", "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT),
-           "--num-cpus", "4", "--disable-usage-stats", env=env)  # fmt: skip
+           "--num-cpus", "8", "--disable-usage-stats", env=env)  # fmt: skip
     else:
         print(f"using the Ray head already answering on 127.0.0.1:{DASHBOARD_PORT}")
     try:
