@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +37,20 @@ def demo_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     return env
+
+
+def stop_local_ray(temp_dir: str) -> None:
+    """Stop the Ray processes started with ``--temp-dir temp_dir`` (``ray stop`` stops all)."""
+    marker = temp_dir.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue
+    print(f"stopped the demo's Ray head ({temp_dir})")
 
 
 def ray_head_answers() -> bool:
@@ -114,19 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         f"tracking.uri=sqlite:///{out}/mlflow.db",
     ]
     started_ray = not ray_head_answers()
+    temp_dir = tempfile.mkdtemp(prefix="ray-demo-")
     if started_ray:
         # 8 logical CPUs on 2 cores: pretraining (2 workers), a finetune and the scratch baseline
         # (1 driver + 2 workers each) run side by side and share the cores.
         sh("ray", "start", "--head", "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT),
-           "--num-cpus", "8", "--disable-usage-stats", env=env)  # fmt: skip
+           "--num-cpus", "8", "--temp-dir", temp_dir, "--disable-usage-stats", env=env)  # fmt: skip
     else:
         print(f"using the Ray head already answering on 127.0.0.1:{DASHBOARD_PORT}")
     try:
         return run_pipeline(args, out, shapes, digits, common, started)
     finally:
         if started_ray:
-            sh("ray", "stop", env=env, check=False)
+            stop_local_ray(temp_dir)
 
 
 def run_pipeline(args, out: Path, shapes: str, digits: str, common: list[str], started: float):
