@@ -98,10 +98,18 @@ class TrainSection(Section):
     )
     log_every: int = Field(10, gt=0)
     time_allreduce: bool = Field(
-        False, description="time DeepSpeed's gradient all-reduce (metric train/allreduce_fraction)"
+        False, description="time the gradient all-reduce (metric train/allreduce_fraction)"
     )
     eval_every: int = Field(1000, gt=0)
     eval_batches: int | None = Field(None, gt=0, description="None: the whole validation split")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip",
+        description="a step whose gradient (or loss) is NaN/Inf: skip its update and count it "
+        "(train/nonfinite_steps), or stop the run",
+    )
+    max_nonfinite_in_a_row: int = Field(
+        10, gt=0, description="under nonfinite=skip, stop after this many skipped steps in a row"
+    )
 
 
 class CheckpointSection(Section):

@@ -4,8 +4,8 @@ Every clip here is computed the same way, vectorised over parameters: one per-un
 tensor (no host syncs), the norms of a bucket of tensors concatenated into one flat vector, the
 clip factors computed on that vector in a handful of ops, then split back into per-tensor views
 that multiply the gradients in place. On accelerators nothing in ``SGD_AGC.step`` reads a value
-back to the host; on CPU, where a read costs no device sync, one read per bucket lets the scaling
-skip tensors in which no unit clipped.
+back to the host (except the one finiteness flag of ``skip_nonfinite``); on CPU, where a read
+costs no device sync, one read per bucket lets the scaling skip tensors in which no unit clipped.
 """
 
 from __future__ import annotations
@@ -190,6 +190,12 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
     add ``weight_decay * W``, update the momentum buffer ``b = momentum * b + g``, step along
     ``g + momentum * b`` (Nesterov) or ``b``. After each step ``last_stats`` holds
     ``clip_fraction`` and ``grad_norm`` as tensors, without a host sync.
+
+    With ``skip_nonfinite`` a step whose raw gradient norm is NaN or Inf (a NaN or Inf anywhere
+    in any gradient, or a norm beyond float32's range) changes nothing: parameters and momentum
+    stay as they were and ``last_step_skipped`` is True. That costs one host read per step (as
+    a mixed-precision loss scaler's overflow check does). Under data parallelism the gradients
+    are already all-reduced here, so every rank takes the same decision without a collective.
     """
 
     def __init__(
@@ -201,6 +207,7 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
         weight_decay: float = DEFAULT_WEIGHT_DECAY,
         clipping: float | None = DEFAULT_CLIPPING,
         eps: float = DEFAULT_EPS,
+        skip_nonfinite: bool = False,
     ) -> None:
         if lr < 0:
             raise ValueError(f"SGD_AGC: lr must be >= 0, got {lr}")
@@ -221,7 +228,9 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
                 raise ValueError(f"SGD_AGC: param group {index}: clipping must be > 0 or None")
             if decay is not None and decay < 0:
                 raise ValueError(f"SGD_AGC: param group {index}: weight_decay must be >= 0")
+        self.skip_nonfinite = skip_nonfinite
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.last_step_skipped = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -230,7 +239,7 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sum_squares, clipped, units = [], [], 0
+        sum_squares, clipped, units, updates = [], [], 0, []
         for group in self.param_groups:
             params, grads = _check_grads(group["params"])
             if not params:
@@ -242,11 +251,19 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
             else:
                 squares = torch.stack(torch._foreach_norm(grads)).float().square().sum()
             sum_squares.append(squares)
+            updates.append((group, params, grads))
+        self.last_step_skipped = False
+        if not sum_squares:
+            return loss
+        total = torch.stack(sum_squares).sum()
+        count = torch.stack(clipped).sum() if clipped else torch.zeros((), device=total.device)
+        self.last_stats = _stats(total, count, units)
+        # Every update waits for every clip: the whole gradient's norm decides the skip.
+        if self.skip_nonfinite and not bool(torch.isfinite(total)):
+            self.last_step_skipped = True
+            return loss
+        for group, params, grads in updates:
             self._update(group, params, grads)
-        if sum_squares:
-            total = torch.stack(sum_squares).sum()
-            count = torch.stack(clipped).sum() if clipped else torch.zeros((), device=total.device)
-            self.last_stats = _stats(total, count, units)
         return loss
 
     def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

@@ -8,12 +8,18 @@ global step ``s`` holds samples ``[(s·G + m·b) mod N, …)``, where the global
 ``m = a·W + r`` (accumulation slot ``a``, worker ``r`` of ``W``). One worker accumulating two
 micro-batches therefore sees exactly the samples two workers see in one — which is what the
 data-parallel exactness test and the scaling benchmark need.
+
+Fault injection for the NaN tests: ``&nonfinite_steps=3,4`` makes the last sample of the global
+batch of steps 3 and 4 (numbered from 1, as logged and as checkpoints are named) all NaN. That
+sample lives on the last worker only, so the other workers' own losses stay finite and only the
+all-reduce can tell them about the fault.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import torch
@@ -33,13 +39,20 @@ class DatasetShape:
     val_samples: int
 
 
-def _synthetic_params(url: str) -> dict[str, int]:
+def _synthetic_params(url: str) -> dict[str, Any]:
     query = parse_qs(urlparse(url).query)
-    params = {"samples": 512, "classes": 10, "resolution": 32, "seed": 0}
+    params: dict[str, Any] = {"samples": 512, "classes": 10, "resolution": 32, "seed": 0}
+    params["nonfinite_steps"] = frozenset()
     for key, values in query.items():
         if key not in params:
             raise ValueError(f"data url {url}: unknown synthetic parameter {key!r}")
-        params[key] = int(values[-1])
+        try:
+            if key == "nonfinite_steps":
+                params[key] = frozenset(int(step) for step in values[-1].split(","))
+            else:
+                params[key] = int(values[-1])
+        except ValueError:
+            raise ValueError(f"data url {url}: {key}={values[-1]!r} is not a number") from None
     return params
 
 
@@ -69,6 +82,7 @@ class SyntheticBatches:
         prototypes = torch.randn(classes, 3, size, size, generator=generator)
         noise = torch.randn(count, 3, size, size, generator=generator)
         self.images = prototypes[self.labels] * 0.5 + noise
+        self.nonfinite_steps = params["nonfinite_steps"]
         self.skipped = 0
 
     def _slice(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +99,8 @@ class SyntheticBatches:
                 global_micro = slot * plan.num_workers + self.rank
                 start = step * plan.global_batch + global_micro * plan.micro_batch
                 micro.append(self._slice(start, plan.micro_batch))
+            if step + 1 in self.nonfinite_steps and self.rank == plan.num_workers - 1:
+                micro[-1][0][-1] = float("nan")  # the global batch's last sample (a copy)
             yield micro
             step += 1
 

@@ -4,6 +4,8 @@ A checkpoint directory holds ``model.safetensors`` (the raw weights), ``ema.safe
 EMA weights), ``optimizer.safetensors`` (per-parameter optimizer state, keyed by parameter name)
 and ``state.json`` (step, MLflow run id, the plan). Ray Train uploads the directory to storage
 only after it is complete, so a crash while writing never replaces the latest valid checkpoint.
+A checkpoint holding a NaN or Inf is refused before anything is written: resuming from it could
+only produce NaN.
 """
 
 from __future__ import annotations
@@ -47,12 +49,32 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return tensors
 
 
+class NonfiniteCheckpointError(ValueError):
+    """A checkpoint was refused because a tensor in it holds NaN or Inf."""
+
+
+def check_finite(files: dict[str, dict[str, torch.Tensor]], step: Any) -> None:
+    """Raise NonfiniteCheckpointError naming the file and tensor holding a NaN or Inf."""
+    for file, tensors in files.items():
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonfiniteCheckpointError(
+                    f"refusing to write the checkpoint of step {step}: {file} tensor {name!r} "
+                    "holds NaN or Inf; the previous checkpoint stays the latest"
+                )
+
+
 def save(directory: str, model, optimizer, ema, state: dict[str, Any]) -> None:
-    """Write one complete checkpoint into ``directory``."""
+    """Write one complete checkpoint into ``directory`` (nothing if a tensor is not finite)."""
     path = Path(directory)
-    save_file(_cpu(model.state_dict()), path / "model.safetensors")
-    save_file(_cpu(ema.module.state_dict()), path / "ema.safetensors")
-    save_file(_cpu(optimizer_tensors(model, optimizer)), path / "optimizer.safetensors")
+    files = {
+        "model.safetensors": _cpu(model.state_dict()),
+        "ema.safetensors": _cpu(ema.module.state_dict()),
+        "optimizer.safetensors": _cpu(optimizer_tensors(model, optimizer)),
+    }
+    check_finite(files, state.get("step"))
+    for file, tensors in files.items():
+        save_file(tensors, path / file)
     (path / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
 
 

@@ -234,3 +234,53 @@ def test_state_dict_round_trip_resumes_the_same_trajectory():
     assert len(optimizers[1].state) == 57
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def one_step(model, optimizer, images, labels, poison: float | None = None) -> None:
+    """One step on ``images``; ``poison`` (NaN, Inf) is written into one gradient element."""
+    optimizer.zero_grad()
+    F.cross_entropy(model(images), labels).backward()
+    if poison is not None:
+        model.head.fc.bias.grad[3] = poison
+    optimizer.step()
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+def test_a_nonfinite_gradient_leaves_weights_and_momentum_untouched(poison):
+    model = small_nfnet(skip_gain=0.5)
+    optimizer = SGD_AGC(param_groups(model, 2e-5, CLIPPING), lr=0.5, skip_nonfinite=True)
+    images, labels = batch(8, seed=5)
+    one_step(model, optimizer, images, labels)  # a momentum buffer to keep
+    weights = copy.deepcopy(model.state_dict())
+    state = optimizer.state
+    buffers = {name: state[p]["momentum_buffer"].clone() for name, p in model.named_parameters()}
+    one_step(model, optimizer, images, labels, poison=poison)
+    assert optimizer.last_step_skipped
+    assert not math.isfinite(optimizer.last_stats["grad_norm"].item())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), weights[name]), name
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], buffers[name]), name
+
+
+def test_the_step_after_a_skipped_one_equals_a_run_that_never_saw_it():
+    models = [small_nfnet(skip_gain=0.5), small_nfnet(skip_gain=0.5)]
+    optimizers = [
+        SGD_AGC(param_groups(m, 2e-5, CLIPPING), lr=0.5, skip_nonfinite=True) for m in models
+    ]
+    first, second = batch(8, seed=1), batch(8, seed=2)
+    one_step(models[0], optimizers[0], *first)
+    one_step(models[0], optimizers[0], *first, poison=math.nan)
+    one_step(models[0], optimizers[0], *second)
+    one_step(models[1], optimizers[1], *first)
+    one_step(models[1], optimizers[1], *second)
+    assert not optimizers[0].last_step_skipped
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_without_skip_nonfinite_a_nan_gradient_reaches_the_weights():
+    model = small_nfnet(skip_gain=0.5)
+    optimizer = SGD_AGC(param_groups(model, 2e-5, CLIPPING), lr=0.5)
+    one_step(model, optimizer, *batch(8, seed=1), poison=math.nan)
+    assert not optimizer.last_step_skipped
+    assert torch.isnan(model.head.fc.bias).sum().item() == 1  # the poisoned unit only
