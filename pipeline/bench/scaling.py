@@ -22,19 +22,22 @@ ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("train/images_per_s", "train/data_wait_fraction", "train/allreduce_fraction")
 
 
-def run_once(workdir: Path, shards: str, workers: int, steps: int) -> dict[str, float]:
+def run_once(
+    workdir: Path, shards: str, workers: int, steps: int, options: argparse.Namespace
+) -> dict[str, float]:
     """One pretraining run; the mean of each metric over its log intervals but the first."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{workdir}/mlflow.db"
     experiment = f"scaling-{workers}"
     overrides = [
-        "model.name=nfnet_micro",
+        f"model.name={options.model}",
         f"data.train_url={shards}",
-        "data.train_resolution=32",
-        "data.loader_workers=1",
-        f"train.global_batch={32 * workers}",
-        "train.micro_batch=32",
+        f"data.train_resolution={options.resolution}",
+        f"data.test_resolution={options.resolution}",
+        f"data.loader_workers={options.loader_workers}",
+        f"train.global_batch={options.micro_batch * workers}",
+        f"train.micro_batch={options.micro_batch}",
         f"train.steps={steps}",
         f"train.log_every={max(steps // 6, 1)}",
         f"train.eval_every={steps * 10}",
@@ -63,15 +66,37 @@ def main(argv: list[str]) -> dict:
     """Run 1 then 2 workers and print the scaling report."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench scaling")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    parser.add_argument("--model", default="nfnet_micro", help="a small variant")
+    parser.add_argument("--resolution", type=int, default=64, help="nfnet_micro's own: 64 px")
+    parser.add_argument("--micro-batch", type=int, default=32, help="per worker (weak scaling)")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="loader processes per worker; 0 decodes in the worker's own process, so a worker "
+        "uses exactly its one CPU (scaling.cpus_per_worker=1)",
+    )
+    parser.add_argument(
+        "--data", choices=("shards", "synthetic"), default="shards", help="synthetic: no decoding"
+    )
     args, _ = parser.parse_known_args(argv)
     from pipeline.data import write_shards
     from pipeline.data.sources import shapes
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
         workdir = Path(folder)
-        shards = f"file://{workdir}/shapes"
-        write_shards(shapes(4000, 64, seed=0), shards, samples_per_shard=500, progress=False)
-        results = {workers: run_once(workdir, shards, workers, args.steps) for workers in (1, 2)}
+        if args.data == "synthetic":
+            shards = f"synthetic://?samples=4000&resolution={args.resolution}&classes=10&seed=0"
+        else:
+            shards = f"file://{workdir}/shapes"
+            images = shapes(4000, args.resolution, seed=0)
+            write_shards(images, shards, samples_per_shard=500, progress=False)
+        print(
+            f"{args.model} at {args.resolution} px, {args.micro_batch} images per worker per step, "
+            f"{args.data}, {args.loader_workers} loader processes per worker, 1 CPU per worker, "
+            f"{args.steps} steps per run"
+        )
+        results = {w: run_once(workdir, shards, w, args.steps, args) for w in (1, 2)}
     one, two = results[1]["train/images_per_s"], results[2]["train/images_per_s"]
     print(f"{'workers':>8} {'images/s':>10} {'data wait':>10} {'all-reduce':>11}")
     for workers, figures in results.items():

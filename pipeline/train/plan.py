@@ -134,6 +134,4 @@ def deepspeed_config(config: RunConfig, plan: Plan) -> dict[str, Any]:
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": config.train.zero_stage},
         "steps_per_print": 10**9,
-        # Turns on DeepSpeed's timers, read by the trainer for the all-reduce share of a step.
-        "wall_clock_breakdown": config.train.time_allreduce,
     }

@@ -137,7 +137,8 @@ def test_two_workers_equal_one_worker_accumulating_two_micro_batches(
     common = {
         "data": {"train_url": synthetic},
         "optim": {"clipping": 0.01, "lr": 0.4},
-        "train": {"steps": 5, "eval_every": 100},
+        # Timing the all-reduce wraps DeepSpeed's call; it must not change a single number.
+        "train": {"steps": 5, "eval_every": 100, "time_allreduce": True},
     }
     runs = {}
     for workers in (2, 1):
@@ -156,6 +157,10 @@ def test_two_workers_equal_one_worker_accumulating_two_micro_batches(
         m.value for m in client.get_metric_history(run.info.run_id, "train/agc_clip_fraction")
     ]
     assert len(clipped) == 5 and min(clipped) > 0  # AGC clipped units at every step
+    shares = [
+        m.value for m in client.get_metric_history(run.info.run_id, "train/allreduce_fraction")
+    ]
+    assert len(shares) == 5 and all(0 < share < 1 for share in shares)
 
 
 def test_resumed_run_equals_uninterrupted_run_on_s3(
