@@ -29,6 +29,7 @@ from pipeline.optim import (
 )
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batches import SYNTHETIC, ShardBatches, SyntheticBatches
+from pipeline.train.nonfinite import NonfiniteStepError, NonfiniteSteps
 from pipeline.train.plan import Plan, deepspeed_config
 
 
@@ -52,11 +53,13 @@ class StepStats:
 
     def summary(self, workers: int) -> dict[str, float]:
         """Averages since the last log line, as MLflow metrics."""
-        mean = lambda values: torch.stack(values).float().mean().item()  # noqa: E731
+        mean = lambda values: (  # noqa: E731 (nan when every step was skipped)
+            torch.stack(values).float().mean().item() if values else math.nan
+        )
         images_per_s = self.samples * workers / max(self.step_time, 1e-9)
         metrics = {
             "train/loss": mean(self.loss),
-            "train/top1": torch.stack(self.correct).sum().item() / max(self.samples, 1),
+            "train/top1": float(sum(self.correct)) / self.samples if self.samples else math.nan,
             "train/images_per_s": images_per_s,
             "train/images_per_s_per_worker": images_per_s / workers,
             "train/data_wait_fraction": self.data_time / max(self.step_time, 1e-9),
@@ -83,6 +86,8 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = torch.device("cpu")
         self.logger = None
+        train = config.train
+        self.nonfinite = NonfiniteSteps(train.nonfinite, train.max_nonfinite_in_a_row)
 
     def train(self) -> dict[str, float]:
         """Run the whole plan (or what is left of it after a restore) and return final metrics."""
@@ -100,9 +105,11 @@ class Trainer:
             tick = time.perf_counter()
             micro_batches = next(steps)
             waited = time.perf_counter() - tick
-            self.train_step(micro_batches, stats)
-            self.ema.update(self.model, self.step)
+            skipped = self.train_step(micro_batches, stats)
+            if not skipped:  # a skipped step leaves the EMA as it leaves the weights
+                self.ema.update(self.model, self.step)
             self.step += 1
+            self.count_nonfinite(skipped)
             stats.step_time += time.perf_counter() - tick
             stats.data_time += waited
             if self.step % self.config.train.log_every == 0 or self.step == plan.total_steps:
@@ -158,6 +165,7 @@ class Trainer:
             nesterov=optim.nesterov,
             clipping=plan.clipping,
             eps=optim.agc_eps,
+            skip_nonfinite=True,  # train.nonfinite: never apply a NaN/Inf gradient
         )
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model,
@@ -188,9 +196,13 @@ class Trainer:
 
     # --- the step ---------------------------------------------------------------------------
 
-    def train_step(self, micro_batches, stats: StepStats) -> None:
-        """Forward/backward every micro-batch; DeepSpeed steps SGD_AGC at the boundary."""
+    def train_step(self, micro_batches, stats: StepStats) -> bool:
+        """Forward/backward every micro-batch; DeepSpeed steps SGD_AGC at the boundary.
+
+        Returns whether the optimizer skipped the update (a NaN/Inf gradient).
+        """
         plan, seed = self.plan, self.config.train.seed
+        losses, correct = [], []
         lr = lr_at(self.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -217,13 +229,31 @@ class Trainer:
             loss = soft_target_cross_entropy(logits.float(), targets)
             self.engine.backward(loss)
             self.engine.step()
-            stats.loss.append(loss.detach())
-            stats.correct.append((logits.argmax(1) == labels).sum().detach())
-            stats.samples += labels.numel()
+            losses.append(loss.detach())
+            correct.append((logits.argmax(1) == labels).sum().detach())
+        if getattr(self.optimizer, "last_step_skipped", False):
+            return True  # its NaN would spoil the averages of the whole log line
+        stats.loss += losses
+        stats.correct += correct
+        stats.samples += sum(labels.numel() for _, labels in micro_batches)
         last = getattr(self.optimizer, "last_stats", None)
         if last:
             stats.clip_fraction.append(last["clip_fraction"].detach())
             stats.grad_norm.append(last["grad_norm"].detach())
+        return False
+
+    def count_nonfinite(self, skipped: bool) -> None:
+        """Count a skipped step (``train.nonfinite``); log the count before stopping."""
+        if skipped and self.rank == 0:
+            print(f"step {self.step}: NaN/Inf gradient, update skipped", flush=True)
+        try:
+            self.nonfinite.record(self.step, skipped)
+        except NonfiniteStepError:
+            if self.logger is not None:
+                count = {"train/nonfinite_steps": float(self.nonfinite.total)}
+                self.logger.log_metrics(count, step=self.step)
+                self.logger.close()
+            raise
 
     # --- evaluation -------------------------------------------------------------------------
 
@@ -280,6 +310,7 @@ class Trainer:
         metrics = stats.summary(self.plan.num_workers)
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["data/skipped_samples"] = float(self.batches.skipped)
+        metrics["train/nonfinite_steps"] = float(self.nonfinite.total)
         if self.config.train.time_allreduce:
             from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
 
@@ -324,6 +355,7 @@ class Trainer:
                 f"checkpoint belongs to MLflow run {state['run_id']}, not {self.run_id}"
             )
         self._first_step = state["step"]
+        self.nonfinite.total = state.get("nonfinite_steps", 0)
         if self.rank == 0:
             print(f"resumed from checkpoint at step {state['step']}", flush=True)
         return state["step"]
@@ -332,7 +364,12 @@ class Trainer:
         """Write model, optimizer, EMA and position (rank 0) and report them to Ray Train."""
         import ray.train
 
-        state = {"step": self.step, "run_id": self.run_id, "plan": self.plan.as_dict()}
+        state = {
+            "step": self.step,
+            "run_id": self.run_id,
+            "plan": self.plan.as_dict(),
+            "nonfinite_steps": self.nonfinite.total,
+        }
         report = {"step": self.step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
         if self.logger is not None:
             self.logger.flush()
