@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ def _block_flops(block: NFBlock, height: float, width: float) -> float:
 def count_flops(name_or_model: str | NFNet, resolution: int) -> int:
     """Multiply-adds of one image at ``resolution``, counted as DM nfnet.py count_flops does."""
     model = _meta_model(name_or_model) if isinstance(name_or_model, str) else name_or_model
+    if not isinstance(model, NFNet):
+        return _traced_flops(model, resolution)
     height = width = float(resolution)
     total = 0.0
     for conv in (model.stem.conv0, model.stem.conv1, model.stem.conv2, model.stem.conv3):
@@ -53,6 +56,28 @@ def count_flops(name_or_model: str | NFNet, resolution: int) -> int:
     total += _conv_flops(model.final_conv, height, width)
     total += model.head.fc.in_features * model.head.fc.out_features
     return round(total)
+
+
+def _traced_flops(model: torch.nn.Module, resolution: int) -> int:
+    """Conv and linear multiply-adds of any model, from output shapes seen in a meta forward."""
+    total = 0
+
+    def count(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total += output[0].numel() * module.in_channels // module.groups * kernel
+        elif isinstance(module, torch.nn.Linear):
+            total += module.in_features * module.out_features
+
+    traced = copy.deepcopy(model).to("meta").eval()  # the caller's model keeps its weights
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    for module in traced.modules():
+        if isinstance(module, layers):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        traced(torch.empty(1, 3, resolution, resolution, device="meta"))
+    return total
 
 
 @dataclass(frozen=True)

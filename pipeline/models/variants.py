@@ -38,6 +38,9 @@ class Variant:
     activation: str = "gelu"
     padding: str = "same"
     stage_strides: tuple[int, ...] = field(default=())
+    # "nfnet", or "resnet_bn" for the batch-normalised baseline (pipeline.models.resnet_bn), which
+    # reads depths, widths, strides, stem_widths[0] and the recipe fields, nothing NF-specific.
+    family: str = "nfnet"
 
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.widths):
@@ -112,9 +115,28 @@ _SMALL = [
     ),
 ]
 
+# Batch-normalised ResNet baselines (torchvision BasicBlock) sized to a small NFNet each: NF vs. BN
+# comparisons train both on the same data and budget. No stochastic depth (torchvision has none).
+_BASELINES = [
+    Variant(
+        name="resnet_bn_nano",  # 40,250 parameters at 10 classes; nfnet_nano has 40,244
+        depths=(1, 1),
+        widths=(24, 44),
+        train_resolution=32,
+        test_resolution=32,
+        drop_rate=0.1,
+        randaugment_layers=2,
+        randaugment_magnitude=5,
+        stochdepth_rate=0.0,
+        stem_widths=(16, 16, 16, 16),
+        family="resnet_bn",
+    ),
+]
+
 VARIANTS: dict[str, Variant] = {
     **{v.name: v for v in (_f_variant(i, *row) for i, row in enumerate(_F_TABLE))},
     **{v.name: v for v in _SMALL},
+    **{v.name: v for v in _BASELINES},
 }
 
 

@@ -57,6 +57,7 @@ def test_cli_list_and_info(capsys):
     assert capsys.readouterr().out.split() == [f"nfnet_f{i}" for i in range(8)] + [
         "nfnet_micro",
         "nfnet_nano",
+        "resnet_bn_nano",
     ]
     assert main(["info", "nfnet_f1"]) == 0
     out = capsys.readouterr().out

@@ -31,8 +31,38 @@ README_GFLOPS = {
 }
 
 
-def test_list_models_has_the_paper_variants_and_the_small_ones():
-    assert list_models() == [f"nfnet_f{i}" for i in range(8)] + ["nfnet_micro", "nfnet_nano"]
+def test_list_models_has_the_paper_variants_the_small_ones_and_the_bn_baseline():
+    assert list_models() == [f"nfnet_f{i}" for i in range(8)] + [
+        "nfnet_micro",
+        "nfnet_nano",
+        "resnet_bn_nano",
+    ]
+
+
+def test_bn_resnet_baseline_is_sized_like_nfnet_nano():
+    # The NF vs. BN experiment (configs/experiments/nf_vs_bn.yaml) compares these two at 10
+    # classes: 40,250 against 40,244 parameters (0.015 % apart), and similar FLOPs at 32 px.
+    assert count_params("resnet_bn_nano", num_classes=10) == 40_250
+    assert count_params("nfnet_nano", num_classes=10) == 40_244
+    assert count_flops("resnet_bn_nano", 32) == 1_671_392
+    assert count_flops("nfnet_nano", 32) == 1_564_672
+
+
+def test_bn_resnet_baseline_is_torchvision_basic_blocks_with_batch_norm():
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = create_model("resnet_bn_nano", num_classes=10, drop_rate=0.3, stochdepth_rate=0.0)
+    assert [type(block) for block in model.blocks] == [BasicBlock, BasicBlock]
+    # stem 1, each block 2 + 1 in its projection (16->24 and 24->44 change the width)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 7
+    assert model.head.dropout.p == 0.3
+    logits = model.train()(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 10)
+    logits.logsumexp(dim=1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="stochastic depth"):
+        create_model("resnet_bn_nano", stochdepth_rate=0.1)
 
 
 # The meta-device count is checked against real instantiations of F0 and F1 in
