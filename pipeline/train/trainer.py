@@ -299,8 +299,9 @@ class Trainer:
         from pipeline.tracking import RunLogger, last_logged_steps
 
         uri = self.config.tracking.uri
-        # After a restart, steps between the checkpoint and the failure were logged already.
-        logged = last_logged_steps(uri, self.run_id) if self.step > 0 else None
+        # After a restart, steps between the checkpoint and the failure were logged already
+        # (all of them when a killed driver left no checkpoint Ray Train had registered).
+        logged = last_logged_steps(uri, self.run_id)
         return RunLogger(uri, self.run_id, resume_from_step=logged)
 
     def log(self, stats: StepStats, started: float) -> dict[str, float]:

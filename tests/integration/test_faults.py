@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.integration.test_pretrain import checked, only_run, pretrain, small_run_config
+from tests.integration.test_pretrain import ROOT, checked, only_run, pretrain, small_run_config
 
 pytestmark = pytest.mark.integration
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
@@ -96,3 +102,84 @@ def test_nonfinite_stop_fails_naming_the_key_and_writes_no_checkpoint_after_the_
     assert run.info.status == "FAILED"
     counts = metric_by_step(mlflow_server, f"{tmp_path.name}-stop", "train/nonfinite_steps")
     assert counts == {1: 0, 2: 0, 3: 1}
+
+
+# --- 2. driver killed -------------------------------------------------------------------------
+
+
+def alive_train_actors(cluster) -> dict[int, str]:
+    """``{pid: class name}`` of the live Ray Train actors (controller, workers) of the cluster."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+    return {a.pid: a.class_name for a in actors if "Train" in a.class_name}
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def registered_checkpoints(runs: Path) -> list[str]:
+    """The checkpoints Ray Train's snapshot lists: those a restarted run can resume from."""
+    found = set()
+    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            found |= set(re.findall(r"step_\d{9}", snapshot.read_text()))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def test_killed_driver_rerun_resumes_the_same_mlflow_run_from_its_checkpoint(
+    ray_cluster, mlflow_server, tmp_path
+):
+    config = tiny_synthetic_config(
+        tmp_path, "driver", mlflow_server, train={"steps": 60}, checkpoint={"every_steps": 5}
+    )
+    command = [sys.executable, "-m", "pipeline.pretrain", "--config", str(config)]
+    runs = tmp_path / "runs"
+    with (tmp_path / "first.log").open("w") as log:
+        driver = subprocess.Popen(
+            command, env=ray_cluster.env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            assert wait_for(lambda: registered_checkpoints(runs), timeout=240)
+            actors = alive_train_actors(ray_cluster)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+            killed_at = time.monotonic()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    registered = registered_checkpoints(runs)
+    assert sorted(actors.values()) == ["RayTrainWorker", "RayTrainWorker", "TrainController"]
+    # Ray fate-shares the driver's actors: controller and workers die with it, so the rerun
+    # never trains next to orphans writing the same checkpoints and metrics.
+    assert wait_for(lambda: not alive_train_actors(ray_cluster), timeout=30)
+    assert wait_for(lambda: not any(process_exists(pid) for pid in actors), timeout=30)
+    orphans_lived = time.monotonic() - killed_at
+    assert "pretraining finished" not in (tmp_path / "first.log").read_text()
+
+    second = checked(pretrain(ray_cluster, config))
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-driver")  # one run, not two
+    assert f"(MLflow {run.info.run_id}, was RUNNING)" in second
+    resumed = int(re.search(r"resumed from checkpoint at step (\d+)", second).group(1))
+    assert f"step_{resumed:09d}" == registered[-1]
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 61))  # every step logged once
+    print(f"killed after {registered}; orphans gone in {orphans_lived:.1f} s; resumed at {resumed}")
