@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,15 +40,9 @@ def demo_env() -> dict[str, str]:
 
 def stop_local_ray(temp_dir: str) -> None:
     """Stop the Ray processes started with ``--temp-dir temp_dir`` (``ray stop`` stops all)."""
-    marker = temp_dir.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "cmdline").read_bytes():
-                os.kill(int(entry.name), signal.SIGTERM)
-        except (OSError, ProcessLookupError):
-            continue
+    from pipeline.launch import stop_ray_processes
+
+    stop_ray_processes([temp_dir])
     print(f"stopped the demo's Ray head ({temp_dir})")
 
 

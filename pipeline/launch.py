@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, to_yaml
@@ -59,6 +62,24 @@ def connect_ray(address: str | None) -> None:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
         )
+
+
+def stop_ray_processes(marks: Sequence[str], sig: int = signal.SIGTERM) -> int:
+    """Signal the processes of one local Ray cluster: those whose command line holds a mark
+    (its ``--temp-dir``, its GCS address). ``ray stop`` would stop every Ray on the machine.
+    Returns how many processes were signalled."""
+    signalled = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            if any(mark in cmdline for mark in marks):
+                os.kill(int(entry.name), sig)
+                signalled += 1
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return signalled
 
 
 def storage_target(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]:

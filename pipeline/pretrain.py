@@ -96,8 +96,12 @@ def check_reachable(config: RunConfig) -> None:
         raise ConfigError(f"tracking.uri: {exc}") from exc
 
 
-def check_cluster(config: RunConfig) -> None:
-    """The Ray cluster answers and, when GPUs are asked for, has one per worker."""
+def check_cluster(config: RunConfig, stay_connected: bool = False) -> None:
+    """The Ray cluster answers and, when GPUs are asked for, has one per worker.
+
+    With ``stay_connected`` a good cluster's connection is kept for the launch that follows
+    (``launch.connect_ray`` then finds Ray initialised) instead of being made twice.
+    """
     scaling = config.scaling
     address = scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -106,13 +110,15 @@ def check_cluster(config: RunConfig) -> None:
         check_endpoint("scaling.ray_address", address)
 
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            quiet = {} if stay_connected else {"logging_level": "ERROR", "log_to_driver": False}
+            ray.init(address=address, **quiet)
             gpus = ray.cluster_resources().get("GPU", 0)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, …
+            ray.shutdown()
             raise ConfigError(
                 f"scaling.ray_address: cannot reach Ray at {address}: {exc}"
             ) from None
-        finally:
+        if not (stay_connected and gpus >= scaling.num_workers * scaling.use_gpu):
             ray.shutdown()
         where = f"the Ray cluster at {address}"
     else:
@@ -154,7 +160,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
         if args.dry_run:
             print_plan(config, plan)
         check_reachable(config)
-        check_cluster(config)
+        check_cluster(config, stay_connected=not args.dry_run)
     except (ConfigError, StorageError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None

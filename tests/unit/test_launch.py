@@ -1,7 +1,13 @@
 """Run identity: the same command names the same run, so running it again resumes it."""
 
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from pipeline.config import load_config
-from pipeline.launch import default_run_name, storage_target
+from pipeline.launch import default_run_name, stop_ray_processes, storage_target
 
 
 def test_same_command_same_run_name_whatever_stop_after_or_uri_spelling():
@@ -33,3 +39,20 @@ def test_storage_targets():
     path, filesystem = storage_target("s3://bucket/runs", {"anon": True})
     assert path == "bucket/runs" and filesystem is not None
     assert storage_target("s3://bucket/runs", {}) == ("s3://bucket/runs", None)
+
+
+def test_stop_ray_processes_signals_only_the_marked_processes(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    marked = subprocess.Popen([*sleeper, str(tmp_path)])  # the mark: a temp dir
+    other = subprocess.Popen(sleeper)
+    cmdline = Path(f"/proc/{marked.pid}/cmdline")
+    while str(tmp_path).encode() not in cmdline.read_bytes():  # until sleep has been exec'd
+        time.sleep(0.01)
+    try:
+        assert stop_ray_processes([str(tmp_path)]) == 1
+        assert marked.wait(timeout=10) == -signal.SIGTERM
+        assert other.poll() is None
+    finally:
+        marked.kill()
+        other.kill()
+        other.wait()
