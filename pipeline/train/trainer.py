@@ -50,6 +50,7 @@ class StepStats:
     samples: int = 0
     step_time: float = 0.0
     data_time: float = 0.0
+    allreduce_time: float = 0.0
 
     def summary(self, workers: int) -> dict[str, float]:
         """Averages since the last log line, as MLflow metrics."""
@@ -64,6 +65,8 @@ class StepStats:
             "train/images_per_s_per_worker": images_per_s / workers,
             "train/data_wait_fraction": self.data_time / max(self.step_time, 1e-9),
         }
+        if self.allreduce_time:
+            metrics["train/allreduce_fraction"] = self.allreduce_time / max(self.step_time, 1e-9)
         if self.clip_fraction:
             metrics["train/agc_clip_fraction"] = mean(self.clip_fraction)
             metrics["train/grad_norm"] = mean(self.grad_norm)
@@ -88,6 +91,7 @@ class Trainer:
         self.logger = None
         train = config.train
         self.nonfinite = NonfiniteSteps(train.nonfinite, train.max_nonfinite_in_a_row)
+        self.stats = StepStats()
 
     def train(self) -> dict[str, float]:
         """Run the whole plan (or what is left of it after a restore) and return final metrics."""
@@ -98,7 +102,7 @@ class Trainer:
         self.batches = self.build_batches()
         self.step = self.restore()
         self.logger = self.open_logger()
-        stats, last_metrics = StepStats(), {}
+        stats, last_metrics = self.stats, {}
         steps = self.batches.steps(self.step)
         started = time.perf_counter()
         while self.step < plan.total_steps:
@@ -114,7 +118,7 @@ class Trainer:
             stats.data_time += waited
             if self.step % self.config.train.log_every == 0 or self.step == plan.total_steps:
                 last_metrics = self.log(stats, started)
-                stats = StepStats()
+                stats = self.stats = StepStats()
             if self.step % self.config.train.eval_every == 0 or self.step == plan.total_steps:
                 last_metrics |= self.log_eval(self.evaluate())
             stopping = self.step == self.config.train.stop_after
@@ -173,7 +177,30 @@ class Trainer:
             config=deepspeed_config(self.config, plan),
             dist_init_required=False,
         )
+        if self.config.train.time_allreduce:
+            self.time_allreduce(engine)
         return engine, optimizer
+
+    def time_allreduce(self, engine) -> None:
+        """Time every gradient all-reduce DeepSpeed makes into ``self.stats.allreduce_time``.
+
+        The wall time of the call, so it includes waiting for the slowest worker: the whole
+        cost of synchronising data parallelism. On GPUs the device is synchronised around it
+        (the collective is asynchronous there), which is why the timing is opt-in.
+        """
+        inner = engine.allreduce_gradients
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+
+        def timed(*args, **kwargs):
+            synchronize()
+            tick = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                synchronize()
+                self.stats.allreduce_time += time.perf_counter() - tick
+
+        engine.allreduce_gradients = timed
 
     def build_batches(self):
         """The micro-batch source named by ``data.train_url``."""
@@ -312,11 +339,6 @@ class Trainer:
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["data/skipped_samples"] = float(self.batches.skipped)
         metrics["train/nonfinite_steps"] = float(self.nonfinite.total)
-        if self.config.train.time_allreduce:
-            from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
-
-            allreduce_ms = self.engine.timers(BACKWARD_REDUCE_GLOBAL_TIMER).elapsed(reset=True)
-            metrics["train/allreduce_fraction"] = allreduce_ms / 1000 / max(stats.step_time, 1e-9)
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.step)
         elapsed = time.perf_counter() - started
