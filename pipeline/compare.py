@@ -252,12 +252,41 @@ def compare_runs(
     if not quiet:
         print_report(rows, differing)
     plots, skipped = write_plots(comparison, views, views + downstream, Path(out_dir))
+    experiment_rows = _draw_experiment(comparison, experiment, views, Path(out_dir), plots, quiet)
     for name, reason in skipped.items():
         if not quiet:
             print(f"note: {name} skipped: {reason}")
     if not quiet and plots:
         print(f"plots written to {Path(out_dir).resolve()}: {', '.join(sorted(plots))}")
-    return {"runs": rows, "differing_params": differing, "plots": plots, "skipped": skipped}
+    return {
+        "runs": rows,
+        "differing_params": differing,
+        "plots": plots,
+        "skipped": skipped,
+        "experiment_rows": experiment_rows,
+    }
+
+
+def _draw_experiment(
+    comparison: Comparison,
+    experiment: str | None,
+    views: list[RunView],
+    out_dir: Path,
+    plots: dict[str, dict[str, int]],
+    quiet: bool,
+) -> list[dict[str, Any]]:
+    """For an experiment of ``pipeline.experiments``: its figure and ``table.md`` (else nothing)."""
+    from pipeline.experiment_plots import draw_experiment, figure_kind, markdown_table
+
+    kind = figure_kind(comparison, experiment) if experiment else None
+    if kind is None:
+        return []
+    rows, figure = draw_experiment(comparison, kind, views, out_dir)
+    plots.update(figure)
+    if not quiet:
+        print(f"\nexperiment {experiment} ({kind}), also in {out_dir / 'table.md'}:")
+        print(markdown_table(rows))
+    return rows
 
 
 def _check_uri(uri: str) -> None:

@@ -206,6 +206,11 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def experiment_id(uri: str, name: str) -> str:
+    """The id of the active experiment ``name``, created (artifacts next to SQLite) if missing."""
+    return _experiment_id(_client(uri), uri, name)
+
+
 def create_run(
     uri: str,
     experiment: str,
