@@ -1,0 +1,100 @@
+"""Experiment files: each shipped one validates; bad names and files exit 2 before anything runs."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.experiments import available, load_experiment, main, run_configs, run_name
+
+SHIPPED = ["agc_batch", "agc_lambda", "nf_vs_bn", "transfer"]
+
+
+def test_the_four_experiments_of_the_paper_are_shipped():
+    assert available() == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_run_of_every_experiment_resolves_to_a_valid_config(name, tmp_path):
+    _, spec = load_experiment(name)
+    configs = run_configs(name, spec, tmp_path, "sqlite:///x.db", [])
+    assert list(configs) == [run.name for run in spec.runs]
+    for config in configs.values():
+        assert config.tracking.experiment == name
+        assert config.checkpoint.storage_url == f"file://{tmp_path}/runs"
+        assert "{out}" not in config.data.train_url
+        assert config.scaling.num_workers * config.scaling.cpus_per_worker <= 2  # 2 cores
+    assert spec.budget_minutes <= 30
+
+
+def test_agc_batch_spans_64_to_1024_with_and_without_agc_at_the_paper_lr(tmp_path):
+    _, spec = load_experiment("agc_batch")
+    configs = run_configs("agc_batch", spec, tmp_path, "sqlite:///x.db", [])
+    grid = {(c.train.global_batch, c.optim.use_agc) for c in configs.values()}
+    assert grid == {(b, agc) for b in (64, 128, 256, 512, 1024) for agc in (True, False)}
+    assert {c.optim.lr for c in configs.values()} == {None}  # 0.1 * B / 256
+    assert {c.optim.lr_per_256 for c in configs.values()} == {0.1}
+
+
+def test_shrinking_options_apply_to_every_run(tmp_path):
+    _, spec = load_experiment("agc_batch")
+    configs = run_configs("agc_batch", spec, tmp_path, "sqlite:///x.db", ["train.steps=3"])
+    assert {c.train.steps for c in configs.values()} == {3}
+
+
+def test_run_name_is_stable_and_changes_with_the_config(tmp_path):
+    _, spec = load_experiment("agc_batch")
+    run = spec.runs[0]
+    first = run_configs("agc_batch", spec, tmp_path, "sqlite:///a.db", [])[run.name]
+    again = run_configs("agc_batch", spec, tmp_path, "sqlite:///b.db", [])[run.name]
+    shrunk = run_configs("agc_batch", spec, tmp_path, "sqlite:///a.db", ["train.steps=3"])
+    assert run_name(run, first, None) == run_name(run, again, None)  # the store does not count
+    assert run_name(run, first, None).startswith("b64-agc-")
+    assert run_name(run, first, None) != run_name(run, shrunk[run.name], None)
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+VALID = """
+claim: a claim
+figure: batch
+base: configs/demo.yaml
+budget_minutes: 5
+runs:
+  - {name: a, overrides: [train.global_batch=64]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("claim: [unclosed", "not valid YAML"),
+        ("- a list", "top level must be a mapping"),
+        (VALID.replace("figure: batch", "figure: pie"), "figure"),
+        (VALID + "colour: red\n", "colour"),
+        (VALID.replace("runs:", "runz:"), "runs"),
+        (VALID + "  - {name: a}\n", "appears twice"),
+        (VALID + "  - {name: b, finetune_from: c@5}\n", "names no earlier run"),
+        (VALID + "  - {name: b, finetune_from: a}\n", "neither 'scratch' nor RUN@STEP"),
+        (VALID.replace("global_batch=64", "global_batch=6x"), "run 'a'"),
+        (VALID.replace("global_batch=64", "global_batch=7"), "not divisible"),
+        (VALID.replace("configs/demo.yaml", "configs/none.yaml"), "does not exist"),
+    ],
+)
+def test_a_bad_experiment_file_exits_2_naming_the_problem(tmp_path, capsys, text, message):
+    assert main(["run", _write(tmp_path, text), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was written or started
+
+
+def test_an_unknown_experiment_or_run_exits_2_listing_the_choices(tmp_path, capsys):
+    assert main(["run", "agc_batchh", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'agc_batchh'" in err and "agc_lambda" in err
+    assert main(["run", "agc_batch", "--only", "b64-agc,b99", "--out", str(tmp_path)]) == 2
+    assert "no run(s) ['b99']" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
