@@ -85,4 +85,4 @@ def test_shrunken_agc_batch_runs_into_mlflow_resumes_and_draws_its_figure(
     for row in compared["experiment_rows"]:
         top1 = runs[row["run"]].data.metrics["val/top1"]
         assert row["val_top1"] == round(top1, 5)  # the table's number is MLflow's
-        assert f"| {row['run']} | nfnet_nano | 40244 | {row['batch']} |" in table
+        assert f"| {row['run']} | nfnet_nano | 40,244 | {row['batch']} |" in table
