@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.experiments import available, load_experiment, main, run_configs, run_name
+from pipeline.experiments import (
+    EXPERIMENTS_DIR,
+    available,
+    load_experiment,
+    main,
+    run_configs,
+    run_name,
+)
 
 SHIPPED = ["agc_batch", "agc_lambda", "nf_vs_bn", "transfer"]
 
@@ -15,6 +22,10 @@ def test_the_four_experiments_of_the_paper_are_shipped():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_run_of_every_experiment_resolves_to_a_valid_config(name, tmp_path):
+    text = (EXPERIMENTS_DIR / f"{name}.yaml").read_text()
+    assert text.startswith("#"), "each experiment starts with a comment saying how to run it"
+    assert f"python -m pipeline.experiments run {name}" in text
+    assert f"python -m pipeline.compare --experiment {name}" in text
     _, spec = load_experiment(name)
     configs = run_configs(name, spec, tmp_path, "sqlite:///x.db", [])
     assert list(configs) == [run.name for run in spec.runs]
