@@ -5,7 +5,8 @@ EMA weights), ``optimizer.safetensors`` (per-parameter optimizer state, keyed by
 and ``state.json`` (step, MLflow run id, the plan). Ray Train uploads the directory to storage
 only after it is complete, so a crash while writing never replaces the latest valid checkpoint.
 A checkpoint holding a NaN or Inf is refused before anything is written: resuming from it could
-only produce NaN.
+only produce NaN. The upload is retried through a storage outage (``upload_with_retries``); what
+still fails names the checkpoint's URL.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,40 @@ def load(directory: str, model, optimizer, ema) -> dict[str, Any]:
             raise KeyError(f"checkpoint {directory}: optimizer state for unknown parameter {name}")
         optimizer.state[parameters[name]][state_key] = value
     return json.loads((path / STATE_FILE).read_text())
+
+
+def upload_with_retries(url: str) -> Callable[[Any, str], Any]:
+    """A ``checkpoint_upload_fn`` for ``ray.train.report``: Ray Train's own upload, retried.
+
+    Each try already rides out ~10 s of refused connections (botocore's retries); the storage
+    layer's 5 tries with backoff stretch that to about a minute of outage. A failure that is
+    not transient (disk full, read-only, access denied) or outlasts the tries raises a
+    StorageError naming ``url`` and removes the partial folder where it can: Ray Train never
+    registered it, so a restart cannot pick it anyway.
+    """
+    from ray.train import get_context
+
+    from pipeline.data.storage import RETRY_ATTEMPTS, RETRY_BACKOFF, StorageError, retry
+
+    def upload(checkpoint, name: str):
+        storage = get_context().get_storage()
+        try:
+            return retry(
+                lambda: storage.persist_current_checkpoint(checkpoint, name),
+                attempts=RETRY_ATTEMPTS,
+                backoff=RETRY_BACKOFF,
+            )
+        except Exception as exc:
+            path = storage.build_checkpoint_path_from_name(name)
+            with contextlib.suppress(Exception):
+                storage.storage_filesystem.delete_dir(path)
+            raise StorageError(
+                f"checkpoint.storage_url {url}",
+                f"writing the checkpoint failed ({type(exc).__name__}: {exc}); the previous "
+                "checkpoint stays the latest",
+            ) from exc
+
+    return upload
 
 
 def fetch_weights(origin: dict[str, str], config) -> dict[str, torch.Tensor]:

@@ -402,12 +402,17 @@ class Trainer:
                 ckpt.save(directory, self.model, self.optimizer, self.ema, state)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             name = f"step_{self.step:09d}"
-            ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
+            url = f"{self.run_url or self.config.checkpoint.storage_url}/{name}"
+            ray.train.report(
+                report,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=name,
+                checkpoint_upload_fn=ckpt.upload_with_retries(url),
+            )
         if self.logger is not None and self.run_url is not None:
             from pipeline.tracking import log_checkpoint_event
 
             # The milestone the scheduler watches: written after Ray Train has persisted it.
-            url = f"{self.run_url}/{name}"
             log_checkpoint_event(self.config.tracking.uri, self.run_id, self.step, url)
 
     def leave_early(self) -> dict[str, float]:

@@ -4,6 +4,7 @@ proxy that can cut or throttle it), the MLflow server — and its outcome assert
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -11,12 +12,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from pipeline.data import write_shards
+from pipeline.data.sources import shapes
+from pipeline.models import create_model
+from pipeline.optim import SGD_AGC, ModelEma, param_groups
+from pipeline.train import checkpoint as ckpt
+from tests.fixtures.tcp_proxy import TcpProxy
 from tests.integration.test_pretrain import ROOT, checked, only_run, pretrain, small_run_config
 
 pytestmark = pytest.mark.integration
@@ -183,3 +192,146 @@ def test_killed_driver_rerun_resumes_the_same_mlflow_run_from_its_checkpoint(
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 61))  # every step logged once
     print(f"killed after {registered}; orphans gone in {orphans_lived:.1f} s; resumed at {resumed}")
+
+
+# --- 3. S3 outage -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint) -> Iterator[TcpProxy]:
+    """A TCP proxy on 127.0.0.1 in front of the session's moto server; closed afterwards."""
+    host, port = s3_endpoint.endpoint_url.removeprefix("http://").split(":")
+    proxy = TcpProxy(host, int(port))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_endpoint) -> str:
+    """Procedural shapes at 32 px on moto's S3 (written directly, not through a proxy)."""
+    url = s3_endpoint.url("faults", "shapes")
+    options = s3_endpoint.storage_options
+    write_shards(
+        shapes(480, 32, seed=3), url, samples_per_shard=100, val_samples=64,
+        storage_options=options, progress=False,
+    )  # fmt: skip
+    return url
+
+
+def through_proxy(s3_endpoint, proxy: TcpProxy, **extra) -> dict:
+    """s3fs options that reach moto through ``proxy``."""
+    options = s3_endpoint.storage_options
+    return {**options, "client_kwargs": {"endpoint_url": proxy.endpoint_url}, **extra}
+
+
+def s3_run_config(tmp_path, name, mlflow_server, s3_endpoint, shards, options, **sections):
+    """Shards and checkpoints both on S3 through the proxy; nfnet_nano, 2 workers."""
+    merged = {
+        "data": {"train_url": shards, "storage_options": options},
+        "checkpoint": {
+            "storage_url": s3_endpoint.url("fault-runs", tmp_path.name),
+            "storage_options": options,
+            "every_steps": 5,
+            "keep": 10,
+        },
+        "train": {"steps": 40, "eval_every": 1000, "eval_batches": 1},
+    }
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    return small_run_config(tmp_path, name, mlflow_server, **merged)
+
+
+def s3_checkpoints(s3_endpoint, tmp_path) -> tuple[list[str], list[str]]:
+    """(checkpoint folders in the bucket, those Ray Train's snapshot lists), read past the proxy."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
+    root = f"{s3_endpoint.bucket}/fault-runs/{tmp_path.name}"
+    folders = sorted(path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/*/step_*"))
+    registered = set()
+    for snapshot in fs.glob(f"{root}/*/checkpoint_manager_snapshot.json"):
+        registered |= set(re.findall(r"step_\d{9}", fs.cat_file(snapshot).decode()))
+    return folders, sorted(registered)
+
+
+def cut_after_first_checkpoint(s3_endpoint, tmp_path, proxy, outage_s: float | None, times):
+    """Cut the proxy once Ray Train registered a checkpoint; restore after ``outage_s``."""
+    wait_for(lambda: s3_checkpoints(s3_endpoint, tmp_path)[1], timeout=300, interval=0.3)
+    times["cut"] = time.time()
+    proxy.cut()
+    if outage_s is not None:
+        time.sleep(outage_s)
+        proxy.restore()
+        times["restored"] = time.time()
+
+
+def test_s3_outage_of_some_seconds_is_ridden_out_and_the_run_finishes(
+    ray_cluster, mlflow_server, s3_endpoint, s3_shards, s3_proxy, tmp_path
+):
+    options = through_proxy(s3_endpoint, s3_proxy)
+    config = s3_run_config(tmp_path, "blip", mlflow_server, s3_endpoint, s3_shards, options)
+    times: dict[str, float] = {}
+    outage = threading.Thread(
+        target=cut_after_first_checkpoint, args=(s3_endpoint, tmp_path, s3_proxy, 6.0, times)
+    )
+    outage.start()
+    output = checked(pretrain(ray_cluster, config))
+    outage.join()
+    assert "restored" in times, "the run finished before the outage began"
+    assert "resumed from checkpoint" not in output  # retried in place, not restarted
+    folders, registered = s3_checkpoints(s3_endpoint, tmp_path)
+    expected = [f"step_{step:09d}" for step in range(5, 41, 5)]
+    assert folders == registered == expected
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-blip")
+    assert run.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 41))
+    # Training waited for S3 (a checkpoint upload or a shard read) across the outage, then went on.
+    gaps = {b.step: (b.timestamp - a.timestamp) / 1000 for a, b in itertools.pairwise(history)}
+    stalled = [step for step, gap in gaps.items() if gap >= 3.0]
+    assert stalled, f"no step waited for the 6 s outage (longest gap {max(gaps.values()):.1f} s)"
+    print(f"outage 6 s; steps after a pause >= 3 s: {stalled}; longest {max(gaps.values()):.1f} s")
+
+
+def test_s3_gone_for_good_fails_naming_the_url_and_the_last_checkpoint_stays_loadable(
+    ray_cluster, mlflow_server, s3_endpoint, s3_shards, s3_proxy, tmp_path
+):
+    # botocore's 5 attempts per request make the failure take ~1 min; 1 attempt keeps the test
+    # short (the storage layer's own 5 tries with backoff still run).
+    options = through_proxy(s3_endpoint, s3_proxy, config_kwargs={"retries": {"max_attempts": 1}})
+    config = s3_run_config(tmp_path, "gone", mlflow_server, s3_endpoint, s3_shards, options)
+    times: dict[str, float] = {}
+    outage = threading.Thread(
+        target=cut_after_first_checkpoint, args=(s3_endpoint, tmp_path, s3_proxy, None, times)
+    )
+    outage.start()
+    result = pretrain(ray_cluster, config)
+    outage.join()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    failed_after = time.time() - times["cut"]
+    # The final error names the endpoint and the object: the snapshot Ray Train's controller
+    # writes, the checkpoint upload (checkpoint.storage_url) or a shard, whichever came first.
+    final_error = output[output.rindex("Traceback") :]
+    assert f'Could not connect to the endpoint URL: "{s3_proxy.endpoint_url}/pipeline-test/' in (
+        final_error
+    )
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-gone")
+    assert run.info.status == "FAILED"
+    folders, registered = s3_checkpoints(s3_endpoint, tmp_path)
+    # A folder uploaded just before the cut may be there unregistered; restarts never use it.
+    assert registered and set(registered) <= set(folders)
+    latest = registered[-1]
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
+    (remote,) = fs.glob(f"{s3_endpoint.bucket}/fault-runs/{tmp_path.name}/*/{latest}")
+    local = tmp_path / latest
+    fs.get(remote, str(local), recursive=True)
+    model = create_model("nfnet_nano", num_classes=10)
+    optimizer = SGD_AGC(param_groups(model, 2e-5, 0.01), lr=0.1)
+    state = ckpt.load(str(local), model, optimizer, ModelEma(model))
+    assert f"step_{state['step']:09d}" == latest
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert len(optimizer.state) > 0
+    print(f"failed {failed_after:.0f} s after the cut; registered {registered}, stored {folders}")
