@@ -335,3 +335,69 @@ def test_s3_gone_for_good_fails_naming_the_url_and_the_last_checkpoint_stays_loa
     assert all(p.isfinite().all() for p in model.parameters())
     assert len(optimizer.state) > 0
     print(f"failed {failed_after:.0f} s after the cut; registered {registered}, stored {folders}")
+
+
+# --- 4. killed while writing a checkpoint -----------------------------------------------------
+
+
+def kill_workers_mid_upload(s3_endpoint, tmp_path, proxy, seen: dict) -> None:
+    """Once step 5 is registered, SIGKILL both workers while step 10 is half in storage."""
+
+    def half_written() -> bool:
+        folders, registered = s3_checkpoints(s3_endpoint, tmp_path)
+        if "step_000000005" not in registered or "step_000000010" not in folders:
+            return False
+        seen["files"] = checkpoint_files(s3_endpoint, tmp_path, "step_000000010")
+        return 0 < len(seen["files"]) < 4
+
+    if wait_for(half_written, timeout=300, interval=0.05):
+        seen["workers"] = alive_train_actors_of(seen["cluster"], "RayTrainWorker")
+        for pid in seen["workers"]:
+            os.kill(pid, signal.SIGKILL)
+    proxy.throttle(None)
+
+
+def checkpoint_files(s3_endpoint, tmp_path, name: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
+    root = f"{s3_endpoint.bucket}/fault-runs/{tmp_path.name}"
+    return sorted(path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/*/{name}/*"))
+
+
+def alive_train_actors_of(cluster, class_name: str) -> list[int]:
+    return [pid for pid, name in alive_train_actors(cluster).items() if name == class_name]
+
+
+def test_a_worker_killed_mid_checkpoint_write_resumes_from_the_previous_checkpoint(
+    ray_cluster, mlflow_server, s3_endpoint, s3_proxy, tmp_path
+):
+    options = through_proxy(s3_endpoint, s3_proxy)
+    config = s3_run_config(
+        tmp_path, "midwrite", mlflow_server, s3_endpoint,
+        "synthetic://?samples=64&resolution=16&classes=4", {},
+        checkpoint={"storage_options": options}, train={"steps": 20},
+        scaling={"max_failures": 1},
+    )  # fmt: skip
+    # ~160 kB per weights file at 40 kB/s: each upload takes seconds, so the kill lands in one.
+    s3_proxy.throttle(40_000)
+    seen: dict = {"cluster": ray_cluster}
+    killer = threading.Thread(
+        target=kill_workers_mid_upload, args=(s3_endpoint, tmp_path, s3_proxy, seen)
+    )
+    killer.start()
+    output = checked(pretrain(ray_cluster, config))
+    killer.join()
+    assert len(seen.get("workers", [])) == 2, "the kill did not land during the upload"
+    assert 0 < len(seen["files"]) < 4  # step 10 was half written when its writer died
+    assert "resumed from checkpoint at step 5" in output
+    folders, registered = s3_checkpoints(s3_endpoint, tmp_path)
+    assert folders == registered == [f"step_{step:09d}" for step in (5, 10, 15, 20)]
+    for name in registered:  # step 10 written again, whole
+        assert checkpoint_files(s3_endpoint, tmp_path, name) == sorted(
+            [*CHECKPOINT_FILES, "state.json"]
+        )
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-midwrite")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 21))
+    print(f"killed with step 10 holding {seen['files']}; resumed at step 5")
