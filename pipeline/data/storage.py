@@ -59,6 +59,10 @@ class StorageError(Exception):
         self.url = url
         self.reason = reason
 
+    def __reduce__(self):
+        # Ray pickles a worker's exception for the driver: rebuild it from both arguments.
+        return type(self), (self.url, self.reason)
+
 
 def filesystem(
     url: str, storage_options: dict | None = None

@@ -129,3 +129,11 @@ def test_transient_cause_is_found_through_the_exception_chain():
             raise OSError("read failed") from inner
     except OSError as outer:
         assert storage._is_transient(outer)
+
+
+def test_storage_error_survives_pickling_as_ray_sends_it_from_a_worker():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(StorageError("s3://bucket/x", "access refused")))
+    assert (type(error), str(error)) == (StorageError, "s3://bucket/x: access refused")
+    assert (error.url, error.reason) == ("s3://bucket/x", "access refused")
