@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.compare import Comparison, RunView, _new_figure, save_figure
-from pipeline.experiments import TAG_EXPERIMENT_RUN, TAG_FIGURE, TAG_MODEL_PARAMS
+from pipeline.experiments import (
+    TAG_EXPERIMENT_RUN,
+    TAG_FIGURE,
+    TAG_LOAD_END,
+    TAG_LOAD_START,
+    TAG_MODEL_PARAMS,
+)
 from pipeline.tracking import TAG_PRETRAIN_STEP
 
 COLUMNS = (
@@ -35,6 +41,7 @@ COLUMNS = (
     ("val_top1_ema", "val top-1 (EMA)"),
     ("train_loss", "train loss"),
     ("wall_s", "wall s"),
+    ("load", "load avg"),
     ("status", "status"),
 )
 
@@ -78,6 +85,7 @@ def experiment_rows(comparison: Comparison, views: list[RunView]) -> list[dict[s
                 "val_top1_ema": _value(comparison.final(view, "val/top1_ema")),
                 "train_loss": _value(comparison.final(view, "train/loss")),
                 "wall_s": None if wall is None else round(wall),
+                "load": _load(view),
                 "status": info.status,
                 "start_ms": info.start_time,
                 "end_ms": info.end_time,
@@ -85,6 +93,12 @@ def experiment_rows(comparison: Comparison, views: list[RunView]) -> list[dict[s
             }
         )
     return rows
+
+
+def _load(view: RunView) -> str | None:
+    """The machine's load average at the run's start and end (tags of pipeline.experiments)."""
+    start, end = view.tag(TAG_LOAD_START), view.tag(TAG_LOAD_END)
+    return f"{start}→{end}" if start and end else start
 
 
 def _cell(value: Any) -> str:

@@ -37,6 +37,9 @@ EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
 TAG_EXPERIMENT_RUN = "pipeline.experiment_run"  # the run's name in the experiment file
 TAG_MODEL_PARAMS = "pipeline.model_params"  # trainable parameters of the model, exact
 TAG_FIGURE = "pipeline.figure"  # experiment tag: which figure pipeline.compare draws
+# The machine's 1-minute load average when the run started and ended: wall times measured on a
+# shared machine mean little without it.
+TAG_LOAD_START, TAG_LOAD_END = "pipeline.load_at_start", "pipeline.load_at_end"
 SCRATCH = "scratch"
 _REFERENCE = re.compile(r"^([a-z0-9_.-]+)@(\d+)$")
 
@@ -252,8 +255,12 @@ def run_one(
     tags = lineage_tags(run.kind, run.task, pretrain_run, pretrain_step) | {
         TAG_EXPERIMENT_RUN: run.name,
         TAG_MODEL_PARAMS: str(count_params(plan.model, plan.num_classes)),
+        TAG_LOAD_START: f"{os.getloadavg()[0]:.1f}",
     }
     result = launch(config, plan, kind=run.kind, tags=tags, init=init)
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_tag(result.run_id, TAG_LOAD_END, f"{os.getloadavg()[0]:.1f}")
     print(f"  {run.name}: done, MLflow run {result.run_id} {_summary(result.metrics)}", flush=True)
     return result.run_id
 

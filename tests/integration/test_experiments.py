@@ -64,6 +64,7 @@ def test_shrunken_agc_batch_runs_into_mlflow_resumes_and_draws_its_figure(
         assert run.info.status == "FINISHED"
         assert run.data.tags["pipeline.kind"] == "pretrain"
         assert run.data.tags["pipeline.model_params"] == "40244"  # nfnet_nano at 10 classes
+        assert float(run.data.tags["pipeline.load_at_end"]) >= 0  # wall times need the load
         params = run.data.params
         assert (params["train.global_batch"], params["plan.peak_lr"]) == (batch, lr)
         assert params["plan.clipping"] == clipping  # λ by batch with AGC; None without
