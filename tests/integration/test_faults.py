@@ -401,3 +401,70 @@ def test_a_worker_killed_mid_checkpoint_write_resumes_from_the_previous_checkpoi
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 21))
     print(f"killed with step 10 holding {seen['files']}; resumed at step 5")
+
+
+# --- 5. checkpoint storage full or read-only --------------------------------------------------
+
+
+@pytest.fixture
+def disk(tmp_path, request) -> Iterator[Path]:
+    """A real tmpfs of ``request.param`` bytes, unmounted afterwards (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+# 800 kB holds one nfnet_nano checkpoint (~480 kB) but not two; 8 MB holds them all.
+@pytest.mark.parametrize(
+    ("fault", "disk"), [("full", 800_000), ("read-only", 8_000_000)], indirect=["disk"]
+)
+def test_checkpoint_storage_full_or_read_only_fails_naming_the_url(
+    ray_cluster, mlflow_server, disk, tmp_path, fault
+):
+    storage = f"file://{disk}/runs"
+    config = tiny_synthetic_config(
+        tmp_path, "disk", mlflow_server, train={"steps": 30},
+        checkpoint={"storage_url": storage, "every_steps": 5},
+    )  # fmt: skip
+    runs = disk / "runs"
+    if fault == "read-only":
+
+        def remount_read_only() -> None:
+            wait_for(lambda: registered_checkpoints(runs), timeout=300, interval=0.05)
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+        watcher = threading.Thread(target=remount_read_only)
+        watcher.start()
+    result = pretrain(ray_cluster, config)
+    if fault == "read-only":
+        watcher.join()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    reason = "No space left on device" if fault == "full" else "Read-only file system"
+    # The final error names the place and the reason: our upload's "checkpoint.storage_url
+    # <url>/<run>/step_N: writing the checkpoint failed", or, when the step's files got in just
+    # before the fault, Ray Train's controller failing to write its snapshot there.
+    final_error = output[output.rindex("Traceback") :]
+    assert f"{disk}/runs/pretrain-nfnet_nano-" in final_error and reason in final_error
+    if fault == "full":
+        assert re.search(f"checkpoint.storage_url {storage}/[^ ]+/step_\\d{{9}}: writing", output)
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-disk")
+    assert run.info.status == "FAILED"
+    registered = registered_checkpoints(runs)
+    folders = sorted(p.name for p in runs.glob("*/step_*"))
+    assert registered and registered[-1] in folders
+    if fault == "full":
+        assert folders == registered  # the partial folder was removed again
+    latest = next(runs.glob(f"*/{registered[-1]}"))
+    model = create_model("nfnet_nano", num_classes=4)
+    optimizer = SGD_AGC(param_groups(model, 2e-5, 0.01), lr=0.1)
+    state = ckpt.load(str(latest), model, optimizer, ModelEma(model))
+    assert f"step_{state['step']:09d}" == registered[-1]
+    print(f"{fault}: registered {registered}, on disk {folders}")
