@@ -96,12 +96,8 @@ def check_reachable(config: RunConfig) -> None:
         raise ConfigError(f"tracking.uri: {exc}") from exc
 
 
-def check_cluster(config: RunConfig, stay_connected: bool = False) -> None:
-    """The Ray cluster answers and, when GPUs are asked for, has one per worker.
-
-    With ``stay_connected`` a good cluster's connection is kept for the launch that follows
-    (``launch.connect_ray`` then finds Ray initialised) instead of being made twice.
-    """
+def check_cluster(config: RunConfig) -> None:
+    """The Ray cluster answers and, when GPUs are asked for, has one per worker."""
     scaling = config.scaling
     address = scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -110,15 +106,15 @@ def check_cluster(config: RunConfig, stay_connected: bool = False) -> None:
         check_endpoint("scaling.ray_address", address)
 
         try:
-            quiet = {} if stay_connected else {"logging_level": "ERROR", "log_to_driver": False}
-            ray.init(address=address, **quiet)
+            # A connection of its own, closed again: one that stayed open for the launch
+            # printed every worker log line twice on the driver.
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             gpus = ray.cluster_resources().get("GPU", 0)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, …
-            ray.shutdown()
             raise ConfigError(
                 f"scaling.ray_address: cannot reach Ray at {address}: {exc}"
             ) from None
-        if not (stay_connected and gpus >= scaling.num_workers * scaling.use_gpu):
+        finally:
             ray.shutdown()
         where = f"the Ray cluster at {address}"
     else:
@@ -160,7 +156,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
         if args.dry_run:
             print_plan(config, plan)
         check_reachable(config)
-        check_cluster(config, stay_connected=not args.dry_run)
+        check_cluster(config)
     except (ConfigError, StorageError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
