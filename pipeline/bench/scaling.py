@@ -65,7 +65,7 @@ def run_once(
 def main(argv: list[str]) -> dict:
     """Run 1 then 2 workers and print the scaling report."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench scaling")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
     parser.add_argument("--model", default="nfnet_micro", help="a small variant")
     parser.add_argument("--resolution", type=int, default=64, help="nfnet_micro's own: 64 px")
     parser.add_argument("--micro-batch", type=int, default=32, help="per worker (weak scaling)")
