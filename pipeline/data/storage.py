@@ -140,7 +140,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _call(url: str, fn: Callable[[], T]) -> T:
+def call_with_retries(url: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` with retries; turn whatever still fails into a StorageError naming ``url``."""
     try:
         return retry(fn, attempts=RETRY_ATTEMPTS, backoff=RETRY_BACKOFF)
@@ -155,29 +155,29 @@ def open_url(url: str, mode: str = "rb", storage_options: dict | None = None) ->
     fs, path = filesystem(url, storage_options)
     if "r" in mode:
         # A missing object should fail here, not on the first read deep inside a consumer.
-        return _call(url, lambda: fs.open(path, mode))
+        return call_with_retries(url, lambda: fs.open(path, mode))
     if "w" in mode and isinstance(fs, LocalFileSystem):
         parent = os.path.dirname(path)
-        _call(url, lambda: os.makedirs(parent, exist_ok=True))
-    return _call(url, lambda: fs.open(path, mode))
+        call_with_retries(url, lambda: os.makedirs(parent, exist_ok=True))
+    return call_with_retries(url, lambda: fs.open(path, mode))
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     """The whole content of ``url``."""
     fs, path = filesystem(url, storage_options)
-    return _call(url, lambda: fs.cat_file(path))
+    return call_with_retries(url, lambda: fs.cat_file(path))
 
 
 def url_exists(url: str, storage_options: dict | None = None) -> bool:
     """Whether an object or directory exists at ``url``."""
     fs, path = filesystem(url, storage_options)
-    return _call(url, lambda: fs.exists(path))
+    return call_with_retries(url, lambda: fs.exists(path))
 
 
 def url_size(url: str, storage_options: dict | None = None) -> int:
     """Size of the object at ``url`` in bytes."""
     fs, path = filesystem(url, storage_options)
-    return int(_call(url, lambda: fs.size(path)))
+    return int(call_with_retries(url, lambda: fs.size(path)))
 
 
 def list_urls(prefix: str, storage_options: dict | None = None) -> list[str]:
@@ -190,7 +190,9 @@ def list_urls(prefix: str, storage_options: dict | None = None) -> list[str]:
         except FileNotFoundError:
             return []
 
-    names = sorted(os.path.basename(entry.rstrip("/")) for entry in _call(prefix, listing))
+    names = sorted(
+        os.path.basename(entry.rstrip("/")) for entry in call_with_retries(prefix, listing)
+    )
     return [join_url(prefix, name) for name in names]
 
 
@@ -204,7 +206,7 @@ def remove_url(url: str, storage_options: dict | None = None) -> None:
         except FileNotFoundError:
             pass
 
-    _call(url, remove)
+    call_with_retries(url, remove)
 
 
 def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -212,22 +214,22 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
     fs, path = filesystem(url, storage_options)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & _ATOMIC_PUT_PROTOCOLS:
-        _call(url, lambda: fs.pipe_file(path, data))
+        call_with_retries(url, lambda: fs.pipe_file(path, data))
         return
     parent, name = os.path.split(path.rstrip("/"))
     # A hidden temporary name in the same directory: the rename is atomic on POSIX, and a killed
     # write leaves only a dot-file that no reader lists as a shard.
     temporary = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if isinstance(fs, LocalFileSystem):
-        _call(url, lambda: os.makedirs(parent, exist_ok=True))
+        call_with_retries(url, lambda: os.makedirs(parent, exist_ok=True))
     try:
-        _call(url, lambda: fs.pipe_file(temporary, data))
+        call_with_retries(url, lambda: fs.pipe_file(temporary, data))
         if isinstance(fs, LocalFileSystem):
             # os.replace, not fs.mv: shutil.move would put the file inside a directory that
             # occupies the final name instead of failing.
-            _call(url, lambda: os.replace(temporary, path))
+            call_with_retries(url, lambda: os.replace(temporary, path))
         else:
-            _call(url, lambda: fs.mv(temporary, path))
+            call_with_retries(url, lambda: fs.mv(temporary, path))
     except BaseException:
         try:
             fs.rm_file(temporary)

@@ -105,24 +105,24 @@ def upload_with_retries(url: str) -> Callable[[Any, str], Any]:
     """
     from ray.train import get_context
 
-    from pipeline.data.storage import RETRY_ATTEMPTS, RETRY_BACKOFF, StorageError, retry
+    from pipeline.data.storage import StorageError, call_with_retries
+
+    label = f"checkpoint.storage_url {url}"
 
     def upload(checkpoint, name: str):
         storage = get_context().get_storage()
         try:
-            return retry(
-                lambda: storage.persist_current_checkpoint(checkpoint, name),
-                attempts=RETRY_ATTEMPTS,
-                backoff=RETRY_BACKOFF,
+            return call_with_retries(
+                label, lambda: storage.persist_current_checkpoint(checkpoint, name)
             )
-        except Exception as exc:
+        except StorageError as exc:
             path = storage.build_checkpoint_path_from_name(name)
             with contextlib.suppress(Exception):
                 storage.storage_filesystem.delete_dir(path)
             raise StorageError(
-                f"checkpoint.storage_url {url}",
-                f"writing the checkpoint failed ({type(exc).__name__}: {exc}); the previous "
-                "checkpoint stays the latest",
+                label,
+                f"writing the checkpoint failed ({exc.reason}); the previous checkpoint stays "
+                "the latest",
             ) from exc
 
     return upload
