@@ -1,11 +1,13 @@
 """``python -m pipeline.bench scaling``: images/s of 2 data-parallel workers against 1.
 
 Each run is a real pretraining run (``python -m pipeline.pretrain``: Ray Train, DeepSpeed with
-gloo, shards read by the streaming loader) of ``nfnet_micro`` at 32 px on ``shapes`` shards,
+gloo, shards read by the streaming loader) of ``nfnet_micro`` at its 64 px on ``shapes`` shards,
 with the same micro-batch per worker (weak scaling: 1 worker trains batch 32, 2 workers batch
 64). Reported from the run's own MLflow metrics, the first log interval (warm-up) left out:
 total images/s, the 2-vs-1 ratio, and the shares of step time spent waiting for data and in
-DeepSpeed's gradient all-reduce.
+DeepSpeed's gradient all-reduce. Over the same window, every process's CPU time is sampled
+(``cpu_use``): the share of the machine's cores the training workers had, and what Ray's own
+processes, the driver and everything else took beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pipeline.bench.cpu_use import CpuSampler
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("train/images_per_s", "train/data_wait_fraction", "train/allreduce_fraction")
@@ -51,15 +58,37 @@ def run_once(
     env = dict(os.environ, DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "pipeline.pretrain", "--config", "configs/demo.yaml"]
-    subprocess.run([*command, *overrides], cwd=ROOT, env=env, check=True, capture_output=True)
+    with CpuSampler() as sampler:
+        subprocess.run([*command, *overrides], cwd=ROOT, env=env, check=True, capture_output=True)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    figures = {}
+    figures: dict[str, Any] = {}
     for key in METRICS:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         values = [m.value for m in history[1:]] or [m.value for m in history]
         figures[key] = statistics.fmean(values) if values else float("nan")
+        if key == METRICS[0] and len(history) > 1:
+            # The window the averages cover: from the end of the warm-up interval to the last.
+            start, end = history[0].timestamp / 1000, history[-1].timestamp / 1000
+            seconds = sampler.by_role(start, end)
+            figures["cpu_share"] = {
+                role: used / (sampler.cores * (end - start)) for role, used in seconds.items()
+            }
     return figures
+
+
+def print_cpu_shares(results: dict[int, dict[str, Any]]) -> None:
+    """The share of all cores each role used in each run's measured window."""
+    roles = sorted({role for figures in results.values() for role in figures.get("cpu_share", {})})
+    roles.sort(key=lambda role: role != "training workers")
+    header = "".join(f"{f'{w} worker' + ('s' if w > 1 else ''):>12}" for w in results)
+    print(f"share of the machine's {psutil.cpu_count()} cores used, measured window:")
+    print(f"{'':<32}{header}")
+    for role in roles:
+        row = "".join(f"{results[w].get('cpu_share', {}).get(role, 0.0):>12.1%}" for w in results)
+        print(f"{role:<32}{row}")
+    idle = "".join(f"{1 - sum(results[w].get('cpu_share', {}).values()):>12.1%}" for w in results)
+    print(f"{'idle':<32}{idle}")
 
 
 def main(argv: list[str]) -> dict:
@@ -105,5 +134,6 @@ def main(argv: list[str]) -> dict:
             f"{figures['train/data_wait_fraction']:>10.1%} "
             f"{figures['train/allreduce_fraction']:>11.1%}"
         )
+    print_cpu_shares(results)
     print(f"2 workers / 1 worker: {two / one:.2f}x (goal >= 1.6x)")
     return {"ratio_2_over_1": two / one, "runs": {str(k): v for k, v in results.items()}}
