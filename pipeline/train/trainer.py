@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -451,10 +452,28 @@ def _duration(seconds: float) -> str:
     )
 
 
+def use_this_environments_build_tools() -> None:
+    """Build DeepSpeed's JIT ops with this environment's tools, into this environment's cache.
+
+    On CPU, DeepSpeed compiles its shared-memory comm op on first use (25-35 s), with the
+    ``ninja`` first on ``PATH``, into torch's extension cache. A system ninja of another version
+    than the one installed with DeepSpeed rejects the other's build log, so each switch between
+    the two (a Ray cluster started outside the virtual environment, then one inside it) meant
+    a full rebuild at the next run. This interpreter's own ``bin`` goes first on ``PATH``, and
+    the cache lives in its environment (``TORCH_EXTENSIONS_DIR`` still overrides).
+    """
+    own_bin = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not path.startswith(own_bin + os.pathsep):
+        os.environ["PATH"] = own_bin + os.pathsep + path
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """The function Ray Train runs on every worker."""
     if not loop_config["config"]["scaling"]["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_this_environments_build_tools()
     config = RunConfig.model_validate(loop_config["config"])
     plan = Plan(**loop_config["plan"])
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
