@@ -92,9 +92,26 @@ def storage_target(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         protocol, _, path = url.partition("://")
-        filesystem = fsspec.filesystem(protocol, **storage_options)
+        filesystem = fsspec.filesystem(protocol, **ray_storage_options(protocol, storage_options))
         return path, PyFileSystem(FSSpecHandler(filesystem))
     return url, None
+
+
+# What Ray Train writes itself (its controller's checkpoint snapshot) gets only botocore's
+# retries, and its default (5 attempts, "legacy" backoff from a random base under 1 s) can give
+# up within a few seconds: a short S3 outage then failed the whole run. Ten attempts in
+# "standard" mode back off up to 20 s each, riding out well over a minute.
+RAY_S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def ray_storage_options(protocol: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """``storage_options`` for the filesystem Ray Train writes through: on S3, botocore's
+    retries raised to ``RAY_S3_RETRIES`` unless the options set their own."""
+    if protocol not in ("s3", "s3a"):
+        return storage_options
+    config = dict(storage_options.get("config_kwargs") or {})
+    config.setdefault("retries", RAY_S3_RETRIES)
+    return {**storage_options, "config_kwargs": config}
 
 
 def run_url(config: RunConfig, run_name: str) -> str:

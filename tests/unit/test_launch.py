@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.launch import default_run_name, stop_ray_processes, storage_target
+from pipeline.launch import RAY_S3_RETRIES, default_run_name, stop_ray_processes, storage_target
 
 
 def test_same_command_same_run_name_whatever_stop_after_or_uri_spelling():
@@ -39,6 +39,11 @@ def test_storage_targets():
     path, filesystem = storage_target("s3://bucket/runs", {"anon": True})
     assert path == "bucket/runs" and filesystem is not None
     assert storage_target("s3://bucket/runs", {}) == ("s3://bucket/runs", None)
+    # Ray Train's own writes (its checkpoint snapshot) ride out outages with botocore's retries.
+    assert filesystem.handler.fs.config_kwargs["retries"] == RAY_S3_RETRIES
+    own = {"anon": True, "config_kwargs": {"retries": {"max_attempts": 1}, "read_timeout": 5}}
+    _, filesystem = storage_target("s3://bucket/runs", own)
+    assert filesystem.handler.fs.config_kwargs == own["config_kwargs"]
 
 
 def test_stop_ray_processes_signals_only_the_marked_processes(tmp_path):
