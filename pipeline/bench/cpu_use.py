@@ -77,10 +77,12 @@ class CpuSampler:
             if info["cpu_times"] is None or info["create_time"] is None:
                 continue  # gone meanwhile, or not ours to read
             key = (process.pid, info["create_time"])
-            samples = self.series.get(key, ("", []))[1]
+            role, samples = self.series.get(key, (OTHER, []))
             times = info["cpu_times"]
             samples.append((now, times.user + times.system))
-            self.series[key] = (role_of(" ".join(info["cmdline"] or [])), samples)
+            if info["cmdline"]:  # an exiting process (a zombie) shows none: keep its role
+                role = role_of(" ".join(info["cmdline"]))
+            self.series[key] = (role, samples)
 
     def by_process(self, start: float, end: float) -> dict[int, tuple[str, float]]:
         """``{pid: (role, CPU seconds)}`` used between wall times ``start`` and ``end`` (epoch

@@ -56,3 +56,17 @@ def test_a_busy_process_is_charged_its_cpu_time_inside_the_window_only():
     # A window that ends before the process was born charges it nothing.
     assert process.pid not in sampler.by_process(start - 0.3, start - 0.01)
     assert sampler.cores >= 1
+
+
+def test_an_exited_process_keeps_its_role():
+    import psutil
+
+    sampler = CpuSampler()
+    process = subprocess.Popen([sys.executable, "-c", "# ray::RayTrainWorker\nimport time"])
+    sampler.sample()
+    while psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE:  # exited, not reaped
+        time.sleep(0.01)
+    sampler.sample()
+    process.wait()
+    (role,) = {role for (pid, _), (role, _) in sampler.series.items() if pid == process.pid}
+    assert role == "training workers"
