@@ -45,13 +45,16 @@ def role_of(cmdline: str) -> str:
 class CpuSampler:
     """Samples the CPU time (user + system) of every process on the machine once per interval,
     in a thread, so that the use in any window of the run can be read off afterwards. A process
-    keeps the role of its last sample (Ray workers are retitled after they start)."""
+    keeps the role of its last sample with a command line (Ray workers are retitled after they
+    start; an exiting one shows none). The machine's steal time (CPU time the hypervisor gave
+    to other guests) is sampled with it."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         # (pid, create_time) → (role, [(wall time, cpu seconds), ...])
         self.series: dict[tuple[int, float], tuple[str, list[tuple[float, float]]]] = {}
         self.cores = psutil.cpu_count() or 1
+        self.steal: list[tuple[float, float]] = []  # (wall time, steal seconds of all cores)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -70,8 +73,9 @@ class CpuSampler:
         self.sample()
 
     def sample(self) -> None:
-        """Read every process's CPU time now."""
+        """Read every process's CPU time, and the machine's steal time, now."""
         now = time.time()
+        self.steal.append((now, getattr(psutil.cpu_times(), "steal", 0.0)))  # Linux only
         for process in psutil.process_iter(["cmdline", "cpu_times", "create_time"]):
             info = process.info
             if info["cpu_times"] is None or info["create_time"] is None:
@@ -97,6 +101,14 @@ class CpuSampler:
             first = before[-1] if before else (0.0 if born >= start else inside[0])
             used[pid] = (role, used.get(pid, (role, 0.0))[1] + inside[-1] - first)
         return used
+
+    def steal_seconds(self, start: float, end: float) -> float:
+        """CPU seconds (over all cores) the hypervisor took between ``start`` and ``end``."""
+        inside = [steal for moment, steal in self.steal if start <= moment <= end]
+        before = [steal for moment, steal in self.steal if moment < start]
+        if not inside:
+            return 0.0
+        return inside[-1] - (before[-1] if before else inside[0])
 
     def by_role(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each role used between wall times ``start`` and ``end``."""

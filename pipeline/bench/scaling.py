@@ -26,6 +26,7 @@ import psutil
 from pipeline.bench.cpu_use import CpuSampler
 
 ROOT = Path(__file__).resolve().parents[2]
+STEAL = "taken by the hypervisor (steal)"
 METRICS = ("train/images_per_s", "train/data_wait_fraction", "train/allreduce_fraction")
 
 
@@ -71,6 +72,7 @@ def run_once(
             # The window the averages cover: from the end of the warm-up interval to the last.
             start, end = history[0].timestamp / 1000, history[-1].timestamp / 1000
             seconds = sampler.by_role(start, end)
+            seconds[STEAL] = sampler.steal_seconds(start, end)
             figures["cpu_share"] = {
                 role: used / (sampler.cores * (end - start)) for role, used in seconds.items()
             }
@@ -80,7 +82,7 @@ def run_once(
 def print_cpu_shares(results: dict[int, dict[str, Any]]) -> None:
     """The share of all cores each role used in each run's measured window."""
     roles = sorted({role for figures in results.values() for role in figures.get("cpu_share", {})})
-    roles.sort(key=lambda role: role != "training workers")
+    roles.sort(key=lambda role: (role == STEAL, role != "training workers"))
     header = "".join(f"{f'{w} worker' + ('s' if w > 1 else ''):>12}" for w in results)
     print(f"share of the machine's {psutil.cpu_count()} cores used, measured window:")
     print(f"{'':<32}{header}")

@@ -70,3 +70,14 @@ def test_an_exited_process_keeps_its_role():
     process.wait()
     (role,) = {role for (pid, _), (role, _) in sampler.series.items() if pid == process.pid}
     assert role == "training workers"
+
+
+def test_steal_time_is_read_over_the_window():
+    sampler = CpuSampler()
+    sampler.steal = [(10.0, 5.0), (11.0, 5.5), (12.0, 7.0), (13.0, 7.25), (14.0, 9.0)]
+    # From the last sample before the window to the last inside it.
+    assert sampler.steal_seconds(10.5, 13.5) == 7.25 - 5.0
+    assert sampler.steal_seconds(9.0, 12.0) == 7.0 - 5.0  # none before: from the first inside
+    assert sampler.steal_seconds(20.0, 30.0) == 0.0
+    sampler.sample()  # a real reading of the machine
+    assert sampler.steal[-1][1] >= 0.0
