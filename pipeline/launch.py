@@ -14,7 +14,6 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, to_yaml
@@ -66,18 +65,30 @@ def connect_ray(address: str | None) -> None:
 
 def stop_ray_processes(marks: Sequence[str], sig: int = signal.SIGTERM) -> int:
     """Signal the processes of one local Ray cluster: those whose command line holds a mark
-    (its ``--temp-dir``, its GCS address). ``ray stop`` would stop every Ray on the machine.
-    Returns how many processes were signalled."""
-    signalled = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    (its ``--temp-dir``, its GCS address), and all their descendants. Ray's agents retitle
+    themselves ("ray::DashboardAgent") and hold no mark; left orphaned by a killed raylet, they
+    lived on for about 100 s, writing into the cluster's folder. ``ray stop`` would stop every
+    Ray on the machine. Returns how many processes were signalled."""
+    import psutil
+
+    me = os.getpid()
+    targets: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.pid == me or not any(mark in cmdline for mark in marks):
             continue
+        targets[process.pid] = process
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-            if any(mark in cmdline for mark in marks):
-                os.kill(int(entry.name), sig)
-                signalled += 1
-        except OSError:  # gone meanwhile, or not ours to read
+            targets.update({child.pid: child for child in process.children(recursive=True)})
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+    targets.pop(me, None)
+    signalled = 0
+    for process in targets.values():
+        try:
+            process.send_signal(sig)
+            signalled += 1
+        except psutil.Error:
             continue
     return signalled
 

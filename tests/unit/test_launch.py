@@ -46,16 +46,25 @@ def test_storage_targets():
     assert filesystem.handler.fs.config_kwargs == own["config_kwargs"]
 
 
-def test_stop_ray_processes_signals_only_the_marked_processes(tmp_path):
+def test_stop_ray_processes_signals_only_the_marked_processes_and_their_children(tmp_path):
+    import psutil
+
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    marked = subprocess.Popen([*sleeper, str(tmp_path)])  # the mark: a temp dir
+    # The marked process (the mark: a temp dir) starts an unmarked child, as a raylet its agents.
+    parent = "import subprocess, sys, time; subprocess.Popen(sys.argv[1:2]); time.sleep(60)"
+    marked = subprocess.Popen([sys.executable, "-c", parent, sys.executable, str(tmp_path)])
     other = subprocess.Popen(sleeper)
     cmdline = Path(f"/proc/{marked.pid}/cmdline")
-    while str(tmp_path).encode() not in cmdline.read_bytes():  # until sleep has been exec'd
+    while str(tmp_path).encode() not in cmdline.read_bytes():  # until python has been exec'd
         time.sleep(0.01)
+    while not psutil.Process(marked.pid).children():
+        time.sleep(0.01)
+    (child,) = psutil.Process(marked.pid).children()
     try:
-        assert stop_ray_processes([str(tmp_path)]) == 1
+        assert stop_ray_processes([str(tmp_path)]) == 2
         assert marked.wait(timeout=10) == -signal.SIGTERM
+        child.wait(timeout=10)  # raises TimeoutExpired while it lives
+        assert not child.is_running()
         assert other.poll() is None
     finally:
         marked.kill()
