@@ -90,25 +90,17 @@ class CpuSampler:
 
     def by_process(self, start: float, end: float) -> dict[int, tuple[str, float]]:
         """``{pid: (role, CPU seconds)}`` used between wall times ``start`` and ``end`` (epoch
-        seconds): from each process's last sample before the window (0 for one born inside
-        it) to its last sample inside it."""
+        seconds)."""
         used: dict[int, tuple[str, float]] = {}
         for (pid, born), (role, samples) in self.series.items():
-            inside = [cpu for moment, cpu in samples if start <= moment <= end]
-            if not inside:
-                continue
-            before = [cpu for moment, cpu in samples if moment < start]
-            first = before[-1] if before else (0.0 if born >= start else inside[0])
-            used[pid] = (role, used.get(pid, (role, 0.0))[1] + inside[-1] - first)
+            seconds = _growth(samples, start, end, born_inside=born >= start)
+            if seconds is not None:
+                used[pid] = (role, used.get(pid, (role, 0.0))[1] + seconds)  # a reused pid adds
         return used
 
     def steal_seconds(self, start: float, end: float) -> float:
         """CPU seconds (over all cores) the hypervisor took between ``start`` and ``end``."""
-        inside = [steal for moment, steal in self.steal if start <= moment <= end]
-        before = [steal for moment, steal in self.steal if moment < start]
-        if not inside:
-            return 0.0
-        return inside[-1] - (before[-1] if before else inside[0])
+        return _growth(self.steal, start, end, born_inside=False) or 0.0
 
     def by_role(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each role used between wall times ``start`` and ``end``."""
@@ -116,3 +108,16 @@ class CpuSampler:
         for role, seconds in self.by_process(start, end).values():
             used[role] += seconds
         return dict(used)
+
+
+def _growth(
+    samples: list[tuple[float, float]], start: float, end: float, born_inside: bool
+) -> float | None:
+    """How much a sampled counter grew in the window: from its last sample before ``start``
+    (0 for a process born inside the window, else its first sample inside) to its last sample
+    inside. None when no sample falls inside."""
+    inside = [value for moment, value in samples if start <= moment <= end]
+    if not inside:
+        return None
+    before = [value for moment, value in samples if moment < start]
+    return inside[-1] - (before[-1] if before else (0.0 if born_inside else inside[0]))

@@ -21,8 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from pipeline.bench.cpu_use import CpuSampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,18 +62,22 @@ def run_once(
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     figures: dict[str, Any] = {}
+    logged: list[float] = []  # when each images/s value was logged
     for key in METRICS:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         values = [m.value for m in history[1:]] or [m.value for m in history]
         figures[key] = statistics.fmean(values) if values else float("nan")
-        if key == METRICS[0] and len(history) > 1:
-            # The window the averages cover: from the end of the warm-up interval to the last.
-            start, end = history[0].timestamp / 1000, history[-1].timestamp / 1000
-            seconds = sampler.by_role(start, end)
-            seconds[STEAL] = sampler.steal_seconds(start, end)
-            figures["cpu_share"] = {
-                role: used / (sampler.cores * (end - start)) for role, used in seconds.items()
-            }
+        if key == METRICS[0]:
+            logged = [m.timestamp / 1000 for m in history]
+    if len(logged) > 1:
+        # The window the averages cover: from the end of the warm-up interval to the last.
+        start, end = logged[0], logged[-1]
+        seconds = sampler.by_role(start, end)
+        seconds[STEAL] = sampler.steal_seconds(start, end)
+        figures["cpu_share"] = {
+            role: used / (sampler.cores * (end - start)) for role, used in seconds.items()
+        }
+    figures["cores"] = sampler.cores
     return figures
 
 
@@ -84,7 +86,8 @@ def print_cpu_shares(results: dict[int, dict[str, Any]]) -> None:
     roles = sorted({role for figures in results.values() for role in figures.get("cpu_share", {})})
     roles.sort(key=lambda role: (role == STEAL, role != "training workers"))
     header = "".join(f"{f'{w} worker' + ('s' if w > 1 else ''):>12}" for w in results)
-    print(f"share of the machine's {psutil.cpu_count()} cores used, measured window:")
+    cores = next(iter(results.values()))["cores"]
+    print(f"share of the machine's {cores} cores used, measured window:")
     print(f"{'':<32}{header}")
     for role in roles:
         row = "".join(f"{results[w].get('cpu_share', {}).get(role, 0.0):>12.1%}" for w in results)

@@ -55,7 +55,6 @@ def test_a_busy_process_is_charged_its_cpu_time_inside_the_window_only():
     assert sampler.by_role(start, end)["training workers"] >= used
     # A window that ends before the process was born charges it nothing.
     assert process.pid not in sampler.by_process(start - 0.3, start - 0.01)
-    assert sampler.cores >= 1
 
 
 def test_an_exited_process_keeps_its_role():
@@ -79,5 +78,3 @@ def test_steal_time_is_read_over_the_window():
     assert sampler.steal_seconds(10.5, 13.5) == 7.25 - 5.0
     assert sampler.steal_seconds(9.0, 12.0) == 7.0 - 5.0  # none before: from the first inside
     assert sampler.steal_seconds(20.0, 30.0) == 0.0
-    sampler.sample()  # a real reading of the machine
-    assert sampler.steal[-1][1] >= 0.0
