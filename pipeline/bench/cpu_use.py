@@ -1,25 +1,31 @@
 """Where the CPU went during a run: every process's CPU time, sampled, grouped by role.
 
 The scaling benchmark uses it to show how much of the machine the training workers had while
-Ray's own processes, the driver and anything else ran beside them.
+Ray's own processes, the driver and anything else ran beside them, and, from the kernel's
+per-thread scheduler counters (``/proc/PID/task/TID/schedstat``), how much of the time each
+worker's training thread was on a core, runnable but waiting for one, or blocked.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
 
 import psutil
 
+TRAINING = "training workers"
 # Substrings of a process's command line (Ray retitles its workers "ray::Class.method") → role.
 # First match wins.
 ROLES: tuple[tuple[str, str], ...] = (
-    ("ray::RayTrainWorker", "training workers"),
+    ("ray::RayTrainWorker", TRAINING),
     ("ray::TrainController", "Ray Train actors"),
     ("ray::SynchronizationActor", "Ray Train actors"),
     ("ray::PlacementGroupCleaner", "Ray Train actors"),
     ("ray::_AutoscalingCoordinatorActor", "Ray Train actors"),
+    ("ray::PreemptionWatcher", "Ray Train actors"),
+    ("ray::DatasetManager", "Ray Train actors"),
     ("pipeline.pretrain", "driver (pipeline.pretrain)"),
     ("pipeline.bench", "this benchmark (its sampling)"),
     # A Ray worker before it takes its "ray::" title: its arguments name the raylet and GCS.
@@ -47,7 +53,8 @@ class CpuSampler:
     in a thread, so that the use in any window of the run can be read off afterwards. A process
     keeps the role of its last sample with a command line (Ray workers are retitled after they
     start; an exiting one shows none). The machine's steal time (CPU time the hypervisor gave
-    to other guests) is sampled with it."""
+    to other guests) is sampled with it, and so is every thread of a training worker: the time
+    it has run on a core and the time it has waited, runnable, for one."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
@@ -55,6 +62,8 @@ class CpuSampler:
         self.series: dict[tuple[int, float], tuple[str, list[tuple[float, float]]]] = {}
         self.cores = psutil.cpu_count() or 1
         self.steal: list[tuple[float, float]] = []  # (wall time, steal seconds of all cores)
+        # (pid, create_time) of a training worker → {tid: [(wall time, on-core s, waiting s)]}
+        self.threads: dict[tuple[int, float], dict[int, list[tuple[float, float, float]]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -87,6 +96,24 @@ class CpuSampler:
             if info["cmdline"]:  # an exiting process (a zombie) shows none: keep its role
                 role = role_of(" ".join(info["cmdline"]))
             self.series[key] = (role, samples)
+            if role == TRAINING:
+                self._sample_threads(key)
+
+    def _sample_threads(self, key: tuple[int, float]) -> None:
+        """Each thread's scheduler counters, timed as read (Linux; nothing elsewhere)."""
+        threads = self.threads.setdefault(key, {})
+        try:
+            tids = [int(name) for name in os.listdir(f"/proc/{key[0]}/task")]
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                with open(f"/proc/{key[0]}/task/{tid}/schedstat") as file:
+                    now = time.time()
+                    on_core, waiting = (int(field) / 1e9 for field in file.read().split()[:2])
+            except (OSError, ValueError):
+                continue
+            threads.setdefault(tid, []).append((now, on_core, waiting))
 
     def by_process(self, start: float, end: float) -> dict[int, tuple[str, float]]:
         """``{pid: (role, CPU seconds)}`` used between wall times ``start`` and ``end`` (epoch
@@ -108,6 +135,32 @@ class CpuSampler:
         for role, seconds in self.by_process(start, end).values():
             used[role] += seconds
         return dict(used)
+
+    def training_threads(self, start: float, end: float) -> dict[int, dict[str, float]]:
+        """``{pid: shares}``: for each training worker, its busiest thread (the training loop)
+        in the window: the shares of the time it ran on a core (``on_core``), waited runnable
+        for a core while something else ran there (``waiting``), and neither (``blocked``: in
+        the all-reduce, on I/O, on the GIL). Measured between the samples that bound the
+        window."""
+        shares = {}
+        for (pid, _), threads in self.threads.items():
+            busiest: dict[str, float] | None = None
+            for samples in threads.values():
+                inside = [s for s in samples if start <= s[0] <= end]
+                before = [s for s in samples if s[0] < start]
+                if not inside or (not before and len(inside) < 2):
+                    continue
+                first, last = before[-1] if before else inside[0], inside[-1]
+                span = last[0] - first[0]
+                if span <= 0:
+                    continue
+                on_core, waiting = (last[1] - first[1]) / span, (last[2] - first[2]) / span
+                if busiest is None or on_core > busiest["on_core"]:
+                    busiest = {"on_core": on_core, "waiting": waiting}
+            if busiest is not None:
+                busiest["blocked"] = max(0.0, 1.0 - busiest["on_core"] - busiest["waiting"])
+                shares[pid] = busiest
+        return shares
 
 
 def _growth(

@@ -78,3 +78,42 @@ def test_steal_time_is_read_over_the_window():
     assert sampler.steal_seconds(10.5, 13.5) == 7.25 - 5.0
     assert sampler.steal_seconds(9.0, 12.0) == 7.0 - 5.0  # none before: from the first inside
     assert sampler.steal_seconds(20.0, 30.0) == 0.0
+
+
+def test_a_training_thread_is_on_a_core_or_waiting_while_it_spins_and_blocked_while_it_sleeps():
+    spin = "# ray::RayTrainWorker\nimport time\nend = time.time() + 3\nwhile time.time() < end:\n 0"
+    sleep = "# ray::RayTrainWorker\nimport time\ntime.sleep(3)"
+    spinning, sleeping = (subprocess.Popen([sys.executable, "-c", code]) for code in (spin, sleep))
+    try:
+        with CpuSampler(interval=0.1) as sampler:
+            time.sleep(0.5)  # both started and sampled
+            start = time.time()
+            time.sleep(1.5)
+            end = time.time()
+        shares = sampler.training_threads(start, end)
+    finally:
+        for process in (spinning, sleeping):
+            process.kill()
+            process.wait()
+    busy, idle = shares[spinning.pid], shares[sleeping.pid]
+    for thread in (busy, idle):
+        total = thread["on_core"] + thread["waiting"] + thread["blocked"]
+        assert total == pytest.approx(1.0, abs=0.005)  # counters and clock read µs apart
+    # Runnable all the time: on its core, or waiting for it when the machine is busy.
+    assert busy["on_core"] + busy["waiting"] >= 0.95, busy
+    assert busy["on_core"] >= 0.5, busy  # 2 cores: nothing else can hold one for long
+    assert idle["blocked"] >= 0.98, idle
+    assert sampler.training_threads(end + 10, end + 20) == {}  # no sample in that window
+
+
+def test_the_busiest_thread_of_a_worker_is_the_one_reported():
+    sampler = CpuSampler()
+    sampler.threads[(42, 1.0)] = {
+        # (wall time, seconds on a core, seconds waiting for one)
+        42: [(10.0, 1.0, 0.0), (12.0, 1.1, 0.0), (14.0, 1.2, 0.1)],  # the actor's main thread
+        43: [(10.0, 5.0, 1.0), (12.0, 6.6, 1.2), (14.0, 8.2, 1.5)],  # the training loop
+    }
+    (shares,) = sampler.training_threads(11.0, 14.0).values()  # from the sample at 10 to 14
+    assert shares["on_core"] == pytest.approx(3.2 / 4)
+    assert shares["waiting"] == pytest.approx(0.5 / 4)
+    assert shares["blocked"] == pytest.approx(0.3 / 4)
