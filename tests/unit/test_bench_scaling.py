@@ -37,6 +37,16 @@ def test_repeated_runs_are_averaged_metric_by_metric():
     assert mean["cores"] == 2
 
 
+def test_the_pair_ratios_mean_comes_with_its_standard_error():
+    # The nine pair ratios of this project's three 3-pair runs (README, Measured figures).
+    ratios = [1.61, 1.82, 1.39, 1.47, 1.47, 1.80, 1.65, 1.74, 1.55]
+    mean, error = scaling.mean_and_standard_error(ratios)
+    assert mean == pytest.approx(1.6111, abs=1e-4)
+    # Squared deviations sum to 0.18989; / 8, square root: 0.15407; / sqrt(9): 0.05136.
+    assert error == pytest.approx(0.05136, abs=1e-5)
+    assert scaling.mean_and_standard_error([1.7]) == (1.7, 0.0)
+
+
 def test_fewer_than_one_pair_is_refused_with_exit_code_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         scaling.main(["--pairs", "0"])
