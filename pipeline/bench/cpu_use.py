@@ -118,9 +118,14 @@ class CpuSampler:
     def by_process(self, start: float, end: float) -> dict[int, tuple[str, float]]:
         """``{pid: (role, CPU seconds)}`` used between wall times ``start`` and ``end`` (epoch
         seconds)."""
+        # A process first seen inside the window, though the sampler had looked before it, was
+        # born after that look: its CPU counts from 0. (Its create_time cannot tell: psutil
+        # derives it from the boot time in whole seconds, up to 1 s early.)
+        looked_before = any(moment < start for moment, _ in self.steal)  # one entry per look
         used: dict[int, tuple[str, float]] = {}
-        for (pid, born), (role, samples) in self.series.items():
-            seconds = _growth(samples, start, end, born_inside=born >= start)
+        for (pid, _), (role, samples) in self.series.items():
+            born_inside = looked_before and samples[0][0] >= start
+            seconds = _growth(samples, start, end, born_inside=born_inside)
             if seconds is not None:
                 used[pid] = (role, used.get(pid, (role, 0.0))[1] + seconds)  # a reused pid adds
         return used

@@ -11,8 +11,9 @@ processes, the driver and everything else took beside them; and each worker's tr
 how much of the window it was on a core, waiting for one, or blocked.
 
 A single core's speed drifts by up to ~20 % over minutes on a shared machine, so one 1-worker
-run against one 2-worker run is a noisy ratio. ``--pairs N`` runs 1 then 2 workers N times,
-interleaved, and reports every pair's ratio and their median.
+run against one 2-worker run is a noisy ratio. ``--pairs N`` runs N pairs (1 then 2 workers,
+then 2 then 1, ...) and reports every pair's ratio, their median, their mean with its standard
+error, and the ratio of the mean images/s.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> dict:
         "uses exactly its one CPU (scaling.cpus_per_worker=1)",
     )
     parser.add_argument(
-        "--pairs", type=int, default=3, help="1-then-2-worker pairs, interleaved; median ratio"
+        "--pairs", type=int, default=3, help="pairs of a 1- and a 2-worker run, order alternating"
     )
     parser.add_argument(
         "--data", choices=("shards", "synthetic"), default="shards", help="synthetic: no decoding"
@@ -215,10 +216,10 @@ def main(argv: list[str]) -> dict:
     of_means = results[2]["train/images_per_s"] / results[1]["train/images_per_s"]
     shown = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
     mean, error = mean_and_standard_error(ratios)
-    spread = f" ± {error:.2f}" if len(ratios) > 1 else ""
+    spread = f" ± {error:.2f} (standard error)" if len(ratios) > 1 else ""
     print(
-        f"2 workers / 1 worker: {shown}; median {median:.2f}x, mean {mean:.2f}x{spread} "
-        f"(standard error), ratio of the mean images/s {of_means:.2f}x (goal >= 1.6x)"
+        f"2 workers / 1 worker: {shown}; median {median:.2f}x, mean {mean:.2f}x{spread}, "
+        f"ratio of the mean images/s {of_means:.2f}x (goal >= 1.6x)"
     )
     return {
         "ratio_2_over_1": median,

@@ -57,6 +57,16 @@ def test_a_busy_process_is_charged_its_cpu_time_inside_the_window_only():
     assert process.pid not in sampler.by_process(start - 0.3, start - 0.01)
 
 
+def test_a_process_first_seen_inside_the_window_counts_from_zero_cpu():
+    sampler = CpuSampler()
+    sampler.steal = [(10.0, 0.0), (11.0, 0.0), (12.0, 0.0)]  # the sampler's looks
+    # First seen at 11 (its create_time, 10.2, says nothing: psutil's may be up to 1 s early).
+    sampler.series[(7, 10.2)] = ("training workers", [(11.0, 0.3), (12.0, 1.2)])
+    assert sampler.by_process(10.5, 12.5)[7] == ("training workers", 1.2)
+    # With no look before the window, it may have run before it: from its first sample.
+    assert sampler.by_process(9.0, 12.5)[7] == ("training workers", pytest.approx(0.9))
+
+
 def test_an_exited_process_keeps_its_role():
     import psutil
 
