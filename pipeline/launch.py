@@ -81,15 +81,15 @@ def stop_ray_processes(marks: Sequence[str], sig: int = signal.SIGTERM) -> int:
         try:
             targets.update({child.pid: child for child in process.children(recursive=True)})
         except psutil.Error:  # gone meanwhile, or not ours to read
-            continue
+            pass
     targets.pop(me, None)
     signalled = 0
     for process in targets.values():
         try:
             process.send_signal(sig)
             signalled += 1
-        except psutil.Error:
-            continue
+        except psutil.Error:  # gone meanwhile
+            pass
     return signalled
 
 

@@ -151,31 +151,41 @@ class CpuSampler:
         for (pid, _), threads in self.threads.items():
             busiest: dict[str, float] | None = None
             for samples in threads.values():
-                inside = [s for s in samples if start <= s[0] <= end]
-                before = [s for s in samples if s[0] < start]
-                if not inside or (not before and len(inside) < 2):
+                bounds = _bounds(samples, start, end)
+                if bounds is None:
                     continue
-                first, last = before[-1] if before else inside[0], inside[-1]
-                span = last[0] - first[0]
-                if span <= 0:
-                    continue
-                on_core, waiting = (last[1] - first[1]) / span, (last[2] - first[2]) / span
+                (then, on_core_then, waiting_then), (now, on_core_now, waiting_now) = bounds
+                if now <= then:
+                    continue  # one sample: no span to share out
+                on_core = (on_core_now - on_core_then) / (now - then)
                 if busiest is None or on_core > busiest["on_core"]:
-                    busiest = {"on_core": on_core, "waiting": waiting}
+                    busiest = {
+                        "on_core": on_core,
+                        "waiting": (waiting_now - waiting_then) / (now - then),
+                    }
             if busiest is not None:
                 busiest["blocked"] = max(0.0, 1.0 - busiest["on_core"] - busiest["waiting"])
                 shares[pid] = busiest
         return shares
 
 
+def _bounds(samples: list[tuple], start: float, end: float) -> tuple[tuple, tuple] | None:
+    """The samples (each led by its wall time) that bound the window: the last before
+    ``start``, else the first inside; and the last inside. None when none falls inside."""
+    inside = [sample for sample in samples if start <= sample[0] <= end]
+    if not inside:
+        return None
+    before = [sample for sample in samples if sample[0] < start]
+    return (before[-1] if before else inside[0]), inside[-1]
+
+
 def _growth(
     samples: list[tuple[float, float]], start: float, end: float, born_inside: bool
 ) -> float | None:
-    """How much a sampled counter grew in the window: from its last sample before ``start``
-    (0 for a process born inside the window, else its first sample inside) to its last sample
-    inside. None when no sample falls inside."""
-    inside = [value for moment, value in samples if start <= moment <= end]
-    if not inside:
+    """How much a sampled counter grew in the window (between its bounding samples; from 0
+    for a process born inside it). None when no sample falls inside."""
+    bounds = _bounds(samples, start, end)
+    if bounds is None:
         return None
-    before = [value for moment, value in samples if moment < start]
-    return inside[-1] - (before[-1] if before else (0.0 if born_inside else inside[0]))
+    (then, before), (_, last) = bounds
+    return last if born_inside and then >= start else last - before
