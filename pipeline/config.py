@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-EXIT_BAD_INPUT = 2  # design.md: exit code 2 for bad input (config, arguments, URL)
+EXIT_BAD_INPUT = 2  # bad input: a config key, argument, path or URL that cannot be used
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -182,15 +186,12 @@ class RunConfig(Section):
         if copy.data.val_url:
             copy.data.val_url = absolute_url(copy.data.val_url)
         copy.checkpoint.storage_url = absolute_url(copy.checkpoint.storage_url)
-        if copy.tracking.uri.startswith("sqlite:///") and not copy.tracking.uri.startswith(
-            "sqlite:////"
-        ):
-            copy.tracking.uri = f"sqlite:///{Path(copy.tracking.uri[10:]).resolve()}"
+        copy.tracking.uri = absolute_sqlite_uri(copy.tracking.uri)
         return copy
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"section.key": value}``, the form MLflow params take."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        return flatten(self.model_dump(mode="json"), max_depth=2)
 
 
 def absolute_url(url: str) -> str:
@@ -204,12 +205,34 @@ def absolute_url(url: str) -> str:
     return f"file://{Path(path).resolve()}"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and prefix.count(".") < 1:
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+def absolute_sqlite_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``, so every process finds the same file."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri.removeprefix("sqlite:///")
+        if path and not path.startswith(":memory:"):
+            return "sqlite:///" + str(Path(path).resolve())
+    return uri
+
+
+def flatten(tree: Mapping[str, Any], max_depth: int | None = None) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, nesting kept below ``max_depth`` levels of keys.
+
+    An empty mapping stays a value; with ``max_depth=2`` a section's dict-valued key (such as
+    ``data.storage_options``) stays one value.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str, depth: int) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            deeper = max_depth is None or depth < max_depth
+            if isinstance(value, Mapping) and value and deeper:
+                walk(value, f"{name}.", depth + 1)
+            else:
+                flat[name] = value
+
+    walk(tree, "", 1)
+    return flat
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -250,29 +273,43 @@ def _describe(error: dict[str, Any]) -> str:
     return f"'{key}': {message} (got {error.get('input')!r})"
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file or bad YAML raises ConfigError."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return tree
+
+
+def validate(model: type[M], tree: dict[str, Any], source: str) -> M:
+    """``model`` validated from ``tree``; every problem, with its key, in one ConfigError."""
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_yaml_model(path: str | Path, model: type[M], what: str = "config file") -> M:
+    """Read a YAML file and validate it as ``model`` (run configs, experiments, task specs)."""
+    return validate(model, read_yaml_mapping(path, what), str(path))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (``None``: all defaults), apply overrides, validate every key."""
     source = str(path) if path is not None else "<defaults>"
-    tree: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {source} does not exist")
-        try:
-            tree = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    tree = read_yaml_mapping(path) if path is not None else {}
     try:
         tree = apply_overrides(tree, overrides or [])
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as exc:
-        problems = "; ".join(_describe(error) for error in exc.errors())
-        raise ConfigError(f"{source}: {problems}") from None
+    return validate(RunConfig, tree, source)
 
 
 def load_config_or_exit(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

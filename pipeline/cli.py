@@ -1,0 +1,42 @@
+"""What every command shares: the ``--quiet``/``--verbose`` flags and the map from errors to exit
+codes (0 success, 2 bad input naming the key, path or URL, 1 anything else)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from pipeline import logs
+from pipeline.config import EXIT_BAD_INPUT, ConfigError
+from pipeline.data.storage import StorageError
+
+log = logging.getLogger("pipeline")
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` (warnings and errors only) and ``-v/--verbose`` (debug lines too)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug lines too")
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Console logging at the level the verbosity flags chose."""
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    logs.configure(logs.QUIET if quiet else logs.VERBOSE if verbose else logs.NORMAL)
+
+
+def bad_input(message: str) -> int:
+    """Print ``error: message`` to stderr; return the bad-input exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def run(main: Callable[[], int], prefix: str = "") -> int:
+    """Call ``main``; a ConfigError or StorageError becomes exit 2 with its message."""
+    try:
+        return main()
+    except (ConfigError, StorageError) as exc:
+        return bad_input(f"{prefix}{exc}")

@@ -1,0 +1,26 @@
+"""Console output through ``logging``: the same lines as plain prints by default.
+
+Commands call ``configure`` once with the verbosity their ``--quiet``/``--verbose`` flags chose;
+Ray Train workers call it too, so a worker's progress lines reach the driver's console unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
+_HANDLER_NAME = "pipeline-console"
+
+
+def configure(level: int = NORMAL) -> None:
+    """Send the ``pipeline`` loggers' records at ``level`` and above to stdout, message only."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(level)
+    if not any(handler.get_name() == _HANDLER_NAME for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.set_name(_HANDLER_NAME)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False  # one line per record, whatever the root logger does
+
