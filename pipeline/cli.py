@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pipeline import logs
 from pipeline.config import EXIT_BAD_INPUT, ConfigError
@@ -20,6 +20,16 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     group.add_argument("-v", "--verbose", action="store_true", help="debug lines too")
+
+
+def run_config_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The arguments every training command takes: ``--config``, ``--dry-run``, overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, check, exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.4")
+    add_verbosity(parser)
+    return parser
 
 
 def configure_logging(args: argparse.Namespace) -> None:
@@ -40,3 +50,14 @@ def run(main: Callable[[], int], prefix: str = "") -> int:
         return main()
     except (ConfigError, StorageError) as exc:
         return bad_input(f"{prefix}{exc}")
+
+
+def main(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    command: Callable[[argparse.Namespace], int],
+) -> int:
+    """A command's whole entry point: parse, set up logging, run with errors mapped to codes."""
+    args = parse_args(argv)
+    configure_logging(args)
+    return run(lambda: command(args))

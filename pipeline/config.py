@@ -9,8 +9,8 @@ resolved where the default lives (the variant table in ``pipeline.models``, the 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -95,7 +95,9 @@ class TrainSection(Section):
     steps: int | None = Field(None, gt=0, description="None: epochs * train_samples / batch")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU")
     zero_stage: Literal[0, 1, 2] = 0
-    channels_last: bool | None = Field(None, description="None: on GPU only")
+    channels_last: bool | None = Field(
+        None, description="NHWC activations; None: on (nfnet_micro trains ~8 % faster on CPU)"
+    )
     seed: int = 0
     stop_after: int | None = Field(
         None, gt=0, description="leave after this step as if preempted; run again to resume"

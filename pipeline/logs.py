@@ -18,9 +18,22 @@ def configure(level: int = NORMAL) -> None:
     logger = logging.getLogger("pipeline")
     logger.setLevel(level)
     if not any(handler.get_name() == _HANDLER_NAME for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _Stdout()
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False  # one line per record, whatever the root logger does
 
+
+class _Stdout(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout`` is at the time (pytest swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass

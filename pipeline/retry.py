@@ -25,7 +25,7 @@ def call_with_backoff(
     what: str = "call",
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn()`` up to ``attempts`` times while it raises a transient error; return its value."""
+    """``fn()``, called up to ``attempts`` times while it raises a transient error."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     for attempt in range(attempts):

@@ -50,6 +50,7 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(2)
     import timm
 
+    # deferred: torch and timm load only once a GPU is known to be there
     from pipeline.models import count_flops, create_model
 
     torch.backends.cudnn.benchmark = True

@@ -171,8 +171,9 @@ def main(argv: list[str]) -> dict:
     args, _ = parser.parse_known_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, not {args.pairs}")  # exit code 2
+    # deferred (both): the data package loads torch, which the argument checks do not need
     from pipeline.data import write_shards
-    from pipeline.data.sources import shapes
+    from pipeline.data.sources import shapes  # deferred with the line above
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
         workdir = Path(folder)

@@ -1,20 +1,15 @@
 """Sharded image datasets on object storage: sources, shard writer, streaming loaders, transforms.
 
-See ``pipeline.data.reader`` for the determinism / resume contract of the loaders and how the
-skip counts reach the trainer (``loader.skipped()``).
+``pipeline.data.streams`` states the determinism and resume contract of the loaders;
+``loader.skipped()`` is how the skip counts of its workers reach the trainer.
 """
 
-from pipeline.data.info import DatasetInfo, SplitInfo, read_info
-from pipeline.data.reader import ShardLoader, make_eval_loader, make_train_loader
-from pipeline.data.shardio import SKIP_REASONS
+from pipeline.data.info import read_info
+from pipeline.data.reader import make_eval_loader, make_train_loader
 from pipeline.data.storage import StorageError
 from pipeline.data.writer import write_shards
 
 __all__ = [
-    "SKIP_REASONS",
-    "DatasetInfo",
-    "ShardLoader",
-    "SplitInfo",
     "StorageError",
     "make_eval_loader",
     "make_train_loader",

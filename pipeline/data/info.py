@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pipeline.data.storage import StorageError, join_url, read_bytes
 
 INFO_NAME = "_info.json"
+TRAIN_SPLIT, VALIDATION_SPLIT = "train", "validation"  # the names timm's reader uses
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import tarfile
-import time
 from collections.abc import Iterator
 
 import fsspec
@@ -13,7 +12,8 @@ from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data import storage
-from pipeline.data.storage import StorageError, _is_transient, open_url
+from pipeline.data.storage import StorageError, is_local, is_transient, open_url
+from pipeline.retry import call_with_backoff
 
 SKIP_REASONS = (
     "corrupt_image",  # image bytes that do not decode (skipped sample)
@@ -71,7 +71,7 @@ def open_shard(url: str, storage_options: dict | None, allow_pipe: bool) -> obje
         if not allow_pipe:
             raise StorageError(url, "pipe: URLs run shell commands; pass allow_pipe=True to permit")
         return wds_open(url, "rb")
-    if "://" not in url or url.startswith("file://"):
+    if is_local(url):
         try:
             return wds_open(url, "rb")
         except OSError as exc:
@@ -145,6 +145,61 @@ def _members(stream) -> Iterator[tuple[str, bytes]]:
             long_name = None  # directories, links, devices: not samples
 
 
+class _ReopeningShard:
+    """The members of one shard; after a transient failure, reopened past the members read."""
+
+    def __init__(self, url: str, storage_options: dict | None, allow_pipe: bool) -> None:
+        self.url, self._storage_options, self._allow_pipe = url, storage_options, allow_pipe
+        self._stream = None
+        self._members: Iterator[tuple[str, bytes]] = iter(())
+        self._consumed = 0
+        self._failures = 0  # failed reads of the current member
+
+    def _read(self) -> tuple[str, bytes] | None:
+        try:
+            if self._stream is None:
+                self._stream = open_shard(self.url, self._storage_options, self._allow_pipe)
+                self._members = _members(self._stream)
+                for _ in zip(range(self._consumed), self._members, strict=False):
+                    pass  # read again before the failure: skipped
+            member = next(self._members, None)
+        except BaseException:
+            self._failures += 1
+            self.close()  # the next attempt reopens the shard
+            raise
+        self._consumed += member is not None
+        self._failures = 0
+        return member
+
+    def next_member(self) -> tuple[str, bytes] | None:
+        """The next (name, bytes), None at the end; ``tarfile.ReadError`` for a truncated tar."""
+        try:
+            return call_with_backoff(
+                self._read,
+                is_transient=_worth_reopening,
+                attempts=storage.RETRY_ATTEMPTS,
+                backoff=storage.RETRY_BACKOFF,
+                what=f"reading {self.url}",
+            )
+        except (tarfile.ReadError, StorageError):
+            raise
+        except Exception as exc:
+            raise StorageError(
+                self.url, f"reading failed after {self._failures} attempt(s): {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+def _worth_reopening(exc: BaseException) -> bool:
+    # A truncated tar stays truncated; a StorageError (opening) already went through storage's
+    # own retries.
+    return not isinstance(exc, tarfile.ReadError | StorageError) and is_transient(exc)
+
+
 def iter_shard(
     url: str,
     counter: SkipCounter,
@@ -156,36 +211,23 @@ def iter_shard(
     A transient storage error mid-shard reopens the shard (with backoff) and skips the members
     already read; a truncated tar ends the shard, drops the sample being read and is counted.
     """
-    consumed, attempt = 0, 0
+    shard = _ReopeningShard(url, storage_options, allow_pipe)
     current: dict | None = None
-    while True:
-        stream = open_shard(url, storage_options, allow_pipe)
-        try:
-            for position, (name, data) in enumerate(_members(stream)):
-                if position < consumed:
-                    continue
-                consumed += 1
-                key, ext = base_plus_ext(name)
-                if key is None:
-                    continue
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                current[ext.lower()] = data
-            if current is not None:
+    try:
+        while (member := shard.next_member()) is not None:
+            key, ext = base_plus_ext(member[0])
+            if key is None:
+                continue
+            if current is not None and current["__key__"] != key:
                 yield current
-            return
-        except tarfile.ReadError:
-            counter.add("truncated_shard")
-            return
-        except Exception as exc:
-            attempt += 1
-            if not _is_transient(exc) or attempt >= storage.RETRY_ATTEMPTS:
-                raise StorageError(
-                    url, f"reading failed after {attempt} attempt(s): {exc}"
-                ) from exc
-            time.sleep(storage.RETRY_BACKOFF * 2 ** (attempt - 1))
-        finally:
-            stream.close()
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext.lower()] = member[1]
+    except tarfile.ReadError:
+        counter.add("truncated_shard")
+        return
+    finally:
+        shard.close()
+    if current is not None:
+        yield current

@@ -11,13 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.retry import call_with_backoff
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ _TRANSIENT_ERRNOS = {
 
 
 # Transient errors: 5 attempts, waiting 0.5, 1, 2, 4 s in between (on top of the storage
-# client's own retries, e.g. botocore's).
+# client's own retries, e.g. botocore's). Read at each call, so tests can shorten the wait.
 RETRY_ATTEMPTS = 5
 RETRY_BACKOFF = 0.5
 
@@ -86,7 +87,7 @@ def join_url(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name.lstrip("/")
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it was raised from) looks like a passing storage failure."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -112,26 +113,6 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def retry(
-    fn: Callable[[], T],
-    *,
-    attempts: int = 5,
-    backoff: float = 0.5,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Call ``fn()``; on a transient storage error wait ``backoff * 2**k`` s and try again."""
-    if attempts < 1:
-        raise ValueError(f"attempts must be >= 1, got {attempts}")
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt == attempts - 1 or not _is_transient(exc):
-                raise
-            sleep(backoff * 2**attempt)
-    raise AssertionError("unreachable")
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "does not exist"
@@ -143,7 +124,9 @@ def _describe(exc: BaseException) -> str:
 def call_with_retries(url: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` with retries; turn whatever still fails into a StorageError naming ``url``."""
     try:
-        return retry(fn, attempts=RETRY_ATTEMPTS, backoff=RETRY_BACKOFF)
+        return call_with_backoff(
+            fn, is_transient=is_transient, attempts=RETRY_ATTEMPTS, backoff=RETRY_BACKOFF, what=url
+        )
     except StorageError:
         raise
     except Exception as exc:

@@ -1,8 +1,8 @@
 """The paper's preprocessing with torchvision v2: Inception crop + flip + RandAugment, squash eval.
 
-The loaders keep images uint8 until a whole batch is assembled and normalise the batch in one
-vectorised step (``normalize_batch``); ``normalize=True`` gives the per-image float output for
-standalone use.
+Every transform maps a uint8 (3, H, W) tensor to a uint8 (3, R, R) tensor: the loaders keep
+images uint8 until a whole batch is assembled and normalise the batch in one vectorised step
+(``normalize_batch``).
 """
 
 from __future__ import annotations
@@ -98,50 +98,15 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
 
 
-def _finish(steps: list, normalize: bool) -> Callable:
-    if normalize:
-        steps += [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-        ]
-    return v2.Compose(steps)
-
-
-def train_transform(
-    resolution: int,
-    ra_layers: int,
-    ra_magnitude: float,
-    *,
-    normalize: bool = True,
-    crop_min_area: float = CROP_AREA[0],
-) -> Callable:
-    """uint8 (3, H, W) tensor -> augmented (3, R, R) image (float normalised, or uint8)."""
-    # Crop and bicubic resize run on the tensor (~3x faster than PIL's resize here); the crop is
-    # cut before resizing, so only the crop's pixels are resampled.
-    crop = v2.RandomResizedCrop(
-        resolution,
-        scale=(crop_min_area, CROP_AREA[1]),
-        ratio=CROP_ASPECT,
-        interpolation=BICUBIC,
-        antialias=True,
-    )
-    if ra_layers == 0:
-        return _finish([crop, v2.RandomHorizontalFlip()], normalize)
-    # PIL's geometric and colour ops are 3-10x faster than the tensor kernels on one image, and
-    # its flip is a cheap transpose there.
-    steps = [
-        crop,
-        v2.Lambda(_to_pil, torch.Tensor),
-        v2.RandomHorizontalFlip(),
-        LevelRandAugment(ra_layers, ra_magnitude),
-        v2.PILToTensor(),
-    ]
-    return _finish(steps, normalize)
-
-
 class FusedTrainTransform:
-    """``train_transform(..., normalize=False)`` without v2's per-call dispatch: same RNG draws,
-    same kernels, identical output (tested), ~150 us less per image (~7 % of the loader's work).
+    """Inception crop (bicubic), horizontal flip, RandAugment at a DM level: the v2 pipeline
+    ``Compose([RandomResizedCrop, to PIL, RandomHorizontalFlip, LevelRandAugment, PILToTensor])``
+    without v2's per-call dispatch. The same RNG draws and kernels give identical output
+    (tested), ~150 us less per image (~7 % of the loader's work).
+
+    Crop and bicubic resize run on the tensor (~3x faster than PIL's resize here); the crop is
+    cut before resizing, so only the crop's pixels are resampled. PIL's geometric and colour ops
+    are 3-10x faster than the tensor kernels on one image, and its flip is a cheap transpose.
     """
 
     def __init__(
@@ -177,11 +142,12 @@ class FusedTrainTransform:
         return torch.from_numpy(np.array(picture)).permute(2, 0, 1)
 
 
-def eval_transform(resolution: int, *, normalize: bool = True) -> Callable:
+def eval_transform(resolution: int) -> Callable:
     """uint8 (3, H, W) tensor -> squash-resize to (R + 32)^2, centre crop to R."""
     size = resolution + EVAL_PADDING
-    steps = [
-        v2.Resize((size, size), interpolation=BICUBIC, antialias=True),
-        v2.CenterCrop(resolution),
-    ]
-    return _finish(steps, normalize)
+    return v2.Compose(
+        [
+            v2.Resize((size, size), interpolation=BICUBIC, antialias=True),
+            v2.CenterCrop(resolution),
+        ]
+    )

@@ -17,7 +17,14 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.info import INFO_NAME, DatasetInfo, SplitInfo, info_to_json
+from pipeline.data.info import (
+    INFO_NAME,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    DatasetInfo,
+    SplitInfo,
+    info_to_json,
+)
 from pipeline.data.sources import Source
 from pipeline.data.storage import (
     StorageError,
@@ -30,7 +37,6 @@ from pipeline.data.storage import (
 )
 
 PLAN_NAME = "_write_plan.json"
-TRAIN, VALIDATION = "train", "validation"
 _SPLIT_STREAM = 0x5917  # separates the split permutation's random stream from other uses of seed
 
 
@@ -41,9 +47,9 @@ class WriteConflict(ValueError):
 def split_indices(num_samples: int, num_val: int, seed: int) -> dict[str, np.ndarray]:
     """Source indices of each split, in the order they are written (shuffled from ``seed``)."""
     order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(num_samples)
-    splits = {TRAIN: order[num_val:]}
+    splits = {TRAIN_SPLIT: order[num_val:]}
     if num_val:
-        splits[VALIDATION] = order[:num_val]
+        splits[VALIDATION_SPLIT] = order[:num_val]
     return splits
 
 

@@ -200,10 +200,3 @@ class NFNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
         return self.head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh N(0, 0.01) Linear for ``num_classes``."""
-        fc = self.head.fc
-        new_head = ClassifierHead(fc.in_features, num_classes, self.head.dropout.p)
-        self.head = new_head.to(device=fc.weight.device, dtype=fc.weight.dtype)
-        self.num_classes = num_classes

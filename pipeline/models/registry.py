@@ -26,17 +26,24 @@ def list_models() -> list[str]:
     return sorted(VARIANTS)
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides: object) -> nn.Module:
-    """Build the registered model ``name``; overrides: drop_rate, stochdepth_rate, padding,
-    numerics, activation, alpha, se_ratio, channels_last.
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    *,
+    channels_last: bool = True,
+    numerics: str = "official",
+    **overrides: object,
+) -> nn.Module:
+    """Build the registered model ``name``.
 
-    The batch-normalised baselines (family ``resnet_bn``) take drop_rate; they have no stochastic
-    depth (a rate above 0 is an error) and ignore the NF-only settings the trainer always passes
-    (padding, numerics, channels_last: their convolutions are PyTorch's own).
+    ``channels_last`` makes the model compute its activations in NHWC (the layout oneDNN and
+    cuDNN convolve fastest; the trainer passes ``plan.channels_last``). ``numerics`` picks DM's
+    or timm's arithmetic (NFNets only). Variant overrides: drop_rate, stochdepth_rate, padding,
+    activation, alpha, se_ratio. The batch-normalised baselines (family ``resnet_bn``) take
+    drop_rate and channels_last; they have no stochastic depth (a rate above 0 is an error) and
+    ignore the NF-only padding and numerics the trainer always passes.
     """
     variant = get_variant(name)
-    numerics = str(overrides.pop("numerics", "official"))
-    channels_last = bool(overrides.pop("channels_last", True))
     unknown = sorted(set(overrides) - _VARIANT_OVERRIDES)
     if unknown:
         raise ValueError(
@@ -47,6 +54,7 @@ def create_model(name: str, num_classes: int = 1000, **overrides: object) -> nn.
         if overrides.get("stochdepth_rate"):
             raise ValueError(f"create_model({name!r}): a BN ResNet has no stochastic depth")
         drop_rate = overrides.get("drop_rate", variant.drop_rate)
-        return BNResNet(dataclasses.replace(variant, drop_rate=drop_rate), num_classes)
+        baseline = dataclasses.replace(variant, drop_rate=drop_rate)
+        return BNResNet(baseline, num_classes, channels_last)
     variant = dataclasses.replace(variant, **overrides)
-    return NFNet(variant, num_classes, numerics, channels_last)
+    return NFNet(variant, num_classes, str(numerics), channels_last)

@@ -20,9 +20,11 @@ from pipeline.models.variants import Variant
 class BNResNet(nn.Module):
     """A ResNet with batch normalisation built from a ``Variant`` row (family ``resnet_bn``)."""
 
-    def __init__(self, variant: Variant, num_classes: int = 1000) -> None:
+    def __init__(
+        self, variant: Variant, num_classes: int = 1000, channels_last: bool = False
+    ) -> None:
         super().__init__()
-        self.variant = variant
+        self.variant, self.channels_last = variant, channels_last
         stem_width = variant.stem_widths[0]
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False),
@@ -57,7 +59,9 @@ class BNResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The feature map before pooling."""
+        """The feature map before pooling (NHWC activations with ``channels_last``)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.blocks(self.stem(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -4,17 +4,11 @@ from pipeline.optim.agc import SGD_AGC, adaptive_clip_, unitwise_norm
 from pipeline.optim.ema import ModelEma, ema_decay_at
 from pipeline.optim.groups import param_groups
 from pipeline.optim.mixing import mixup_cutmix, smooth_labels, soft_target_cross_entropy
-from pipeline.optim.schedule import (
-    WarmupCosineSchedule,
-    base_learning_rate,
-    default_clipping,
-    lr_at,
-)
+from pipeline.optim.schedule import base_learning_rate, default_clipping, lr_at
 
 __all__ = [
     "SGD_AGC",
     "ModelEma",
-    "WarmupCosineSchedule",
     "adaptive_clip_",
     "base_learning_rate",
     "default_clipping",

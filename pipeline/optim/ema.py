@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
@@ -48,12 +47,3 @@ class ModelEma:
             else:
                 ema_tensor.copy_(state[name])
         return ema_tensors, tensors
-
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA weights and decay."""
-        return {"decay": self.decay, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
-        self.decay = float(state["decay"])
-        self.module.load_state_dict(state["module"])

@@ -30,7 +30,7 @@ def param_groups(
 
     ``clipping=None`` turns AGC off in every group. Raises ValueError if no parameter is called
     ``{classifier_name}.weight``: clipping the classifier would silently change the recipe (DM
-    experiment_nfnets.py never clips it; vballoli/nfnets-pytorch issue 8 had to add this).
+    experiment_nfnets.py never clips it).
     """
     classifier_weight = f"{classifier_name}.weight"
     settings = {

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 # DM experiment_nfnets.py: lr=0.1 with lr_scale_by_bs, i.e. peak lr = 0.1 * B / 256.
 LR_PER_256 = 0.1
 # DM experiment_nfnets.py: clipping 0.01 at the paper's batch 4096; the composer AGC README
@@ -58,25 +56,3 @@ def lr_at(step: float, total_steps: float, warmup_steps: float, peak_lr: float) 
         return 0.0
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
-
-
-class WarmupCosineSchedule(torch.optim.lr_scheduler.LRScheduler):
-    """``lr_at`` as a torch LR scheduler; each group's initial lr is its peak."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        warmup_steps: float,
-        last_epoch: int = -1,
-    ) -> None:
-        self.total_steps, self.warmup_steps = total_steps, warmup_steps
-        lr_at(0, total_steps, warmup_steps, 1.0)  # validates the arguments before any step
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self) -> list[float]:
-        """Learning rate of every group at the current step."""
-        return [
-            lr_at(self.last_epoch, self.total_steps, self.warmup_steps, peak)
-            for peak in self.base_lrs
-        ]

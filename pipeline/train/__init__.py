@@ -1,1 +1,2 @@
-"""Training on one worker: the plan, the DeepSpeed engine, the Trainer, checkpoint files."""
+"""Training on Ray Train workers: the plan, batch sources, the Trainer (metrics, evaluation),
+checkpoint files, and ``worker.train_loop_per_worker``, the function Ray Train runs."""

@@ -24,7 +24,9 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 
+from pipeline.config import RunConfig
 from pipeline.data import make_eval_loader, make_train_loader, read_info
+from pipeline.data.info import TRAIN_SPLIT, VALIDATION_SPLIT
 from pipeline.train.plan import Plan
 
 SYNTHETIC = "synthetic://"
@@ -64,9 +66,8 @@ def describe_dataset(
         params = _synthetic_params(url)
         return DatasetShape(params["classes"], params["samples"], params["samples"] // 4)
     info = read_info(url, storage_options, allow_pipe=allow_pipe)
-    return DatasetShape(
-        info.num_classes, info.splits["train"].num_samples, info.splits["validation"].num_samples
-    )
+    train, validation = info.splits[TRAIN_SPLIT], info.splits[VALIDATION_SPLIT]
+    return DatasetShape(info.num_classes, train.num_samples, validation.num_samples)
 
 
 class SyntheticBatches:
@@ -116,26 +117,20 @@ class SyntheticBatches:
 class ShardBatches:
     """The webdataset shard stream of ``pipeline.data``, cut into per-step micro-batch lists."""
 
-    def __init__(
-        self,
-        url: str,
-        val_url: str | None,
-        plan: Plan,
-        rank: int,
-        *,
-        seed: int,
-        loader_workers: int,
-        shuffle_buffer: int,
-        crop_min_area: float,
-        storage_options: dict,
-        allow_pipe: bool,
-        pin_memory: bool,
-    ):
-        self.url, self.val_url, self.plan, self.rank = url, val_url, plan, rank
-        self.seed, self.loader_workers = seed, loader_workers
-        self.shuffle_buffer, self.storage_options = shuffle_buffer, storage_options
-        self.crop_min_area = crop_min_area
-        self.allow_pipe, self.pin_memory = allow_pipe, pin_memory
+    def __init__(self, config: RunConfig, plan: Plan, rank: int):
+        data = config.data
+        self.plan, self.seed = plan, config.train.seed
+        self.url, self.val_url = data.train_url, data.val_url or data.train_url
+        self.shuffle_buffer, self.crop_min_area = data.shuffle_buffer, data.crop_min_area
+        # How both loaders read the shards: the same share, workers, storage and pipe settings.
+        self.reading = {
+            "rank": rank,
+            "world_size": plan.num_workers,
+            "num_workers": data.loader_workers,
+            "storage_options": data.storage_options,
+            "allow_pipe": data.allow_pipe,
+            "pin_memory": config.scaling.use_gpu,
+        }
         self._loader = None
 
     @property
@@ -149,20 +144,15 @@ class ShardBatches:
             self.url,
             batch_size=plan.micro_batch,
             batches_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
-            rank=self.rank,
-            world_size=plan.num_workers,
+            start_batch=start_batch,
             epoch=epoch,
             seed=self.seed,
-            num_workers=self.loader_workers,
             resolution=plan.train_resolution,
             randaugment_layers=plan.randaugment_layers,
             randaugment_magnitude=plan.randaugment_magnitude,
-            shuffle_buffer=self.shuffle_buffer,
-            start_batch=start_batch,
-            storage_options=self.storage_options,
-            pin_memory=self.pin_memory,
-            allow_pipe=self.allow_pipe,
             crop_min_area=self.crop_min_area,
+            shuffle_buffer=self.shuffle_buffer,
+            **self.reading,
         )
         return self._loader
 
@@ -178,14 +168,19 @@ class ShardBatches:
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every validation sample exactly once across all workers."""
+        plan = self.plan
         return iter(
             make_eval_loader(
-                self.val_url or self.url,
-                batch_size=self.plan.micro_batch,
-                rank=self.rank,
-                world_size=self.plan.num_workers,
-                num_workers=self.loader_workers,
-                resolution=self.plan.test_resolution,
-                storage_options=self.storage_options,
+                self.val_url,
+                batch_size=plan.micro_batch,
+                resolution=plan.test_resolution,
+                **self.reading,
             )
         )
+
+
+def make_batches(config: RunConfig, plan: Plan, rank: int) -> SyntheticBatches | ShardBatches:
+    """The micro-batch source named by ``data.train_url``."""
+    if config.data.train_url.startswith(SYNTHETIC):
+        return SyntheticBatches(config.data.train_url, plan, rank)
+    return ShardBatches(config, plan, rank)

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
+from pipeline.data.storage import StorageError, call_with_retries, read_bytes
+
 STATE_FILE = "state.json"
 
 
@@ -105,8 +107,6 @@ def upload_with_retries(url: str) -> Callable[[Any, str], Any]:
     """
     from ray.train import get_context
 
-    from pipeline.data.storage import StorageError, call_with_retries
-
     label = f"checkpoint.storage_url {url}"
 
     def upload(checkpoint, name: str):
@@ -139,8 +139,6 @@ def fetch_weights(origin: dict[str, str], config) -> dict[str, torch.Tensor]:
         if Path(local).is_dir():
             local = str(next(Path(local).rglob("*.safetensors")))
         return load_file(local)
-    from pipeline.data.storage import read_bytes
-
     url = f"{origin['url'].rstrip('/')}/model.safetensors"
     return safetensors_load(read_bytes(url, config.checkpoint.storage_options))
 

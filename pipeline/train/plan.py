@@ -108,7 +108,7 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
             total_steps, round(optim.warmup_epochs * train_samples / train.global_batch)
         ),
         precision=precision,
-        channels_last=_pick(train.channels_last, gpu),
+        channels_last=_pick(train.channels_last, True),
     )
 
 

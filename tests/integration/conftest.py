@@ -8,15 +8,15 @@ once per session, with dummy credentials and ``AWS_ENDPOINT_URL`` in the environ
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
+from tests.helpers.cluster import free_port, wait_until
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -60,29 +60,26 @@ class S3Endpoint:
         return f"s3://{name}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/moto-api/", timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _wait_until_up(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url + "/moto-api/", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within {timeout} s")
+    wait_until(lambda: process.poll() is not None or _answers(url), timeout)
+    if process.poll() is not None:
+        raise RuntimeError(f"moto server exited with {process.returncode} before answering")
+    if not _answers(url):
+        raise RuntimeError(f"moto server at {url} did not answer within {timeout} s")
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     """moto's S3 server on 127.0.0.1 for the whole session, with bucket ``pipeline-test``."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "server.log").open("w")
     env = {**os.environ, **CREDENTIALS}
     process = subprocess.Popen(

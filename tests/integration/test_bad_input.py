@@ -3,7 +3,8 @@
 Each case runs ``pipeline.pretrain.main`` in-process (imports once, ~0.1 s a case) with and
 without ``--dry-run``; a few also run as real ``python -m`` subprocesses. After every case the
 session's MLflow server holds no new experiment or run, Ray was not started here, and the
-checkpoint folder holds nothing.
+checkpoint folder holds nothing. Every URL a run touches is in the catalogue twice: a scheme
+its library does not serve, and a place that does not exist or does not answer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import finetune, pretrain, schedule
-from tests.unit.test_data_support import tar_bytes, write_info
+from pipeline.data import write_shards
+from pipeline.data.sources import shapes
+from tests.helpers.images import tar_bytes, write_info
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +81,31 @@ CASES = [
     ),  # fmt: skip
     Case("dead MLflow server", (f"tracking.uri={DEAD}",), names=("tracking.uri", DEAD)),
     Case(
+        "tracking URI MLflow does not serve",
+        ("tracking.uri=ftp://example/x",),
+        names=("tracking.uri", "ftp://example/x"),
+    ),
+    Case(
+        "dead tracking database",
+        ("tracking.uri=postgresql://user:pw@127.0.0.1:1/mlflow",),
+        names=("tracking.uri", "127.0.0.1:1"),
+    ),
+    Case(
+        "dataset URL no filesystem serves",
+        ("data.train_url=nosuch://bucket/set",),
+        names=("data.train_url", "nosuch://bucket/set"),
+    ),
+    Case(
+        "checkpoint URL no filesystem serves",
+        ("checkpoint.storage_url=nosuch://bucket/runs",),
+        names=("checkpoint.storage_url", "nosuch://bucket/runs"),
+    ),
+    Case(
+        "no validation set at val_url",
+        ("data.train_url={shards}", "data.val_url=file://{tmp}/nodata"),
+        names=("data.val_url", "{tmp}/nodata"),
+    ),
+    Case(
         "checkpoints under a regular file",
         ("checkpoint.storage_url=file:///etc/hostname/runs",),
         names=("checkpoint.storage_url", "/etc/hostname/runs"),
@@ -109,11 +137,24 @@ CASES = [
         names=("data.train_url", "data.allow_pipe"),
     ),
 ]
-SUBPROCESS_CASES = ["unknown key", "dead MLflow server", "pipe: URL not allowed"]
+SUBPROCESS_CASES = [
+    "unknown key",
+    "dead MLflow server",
+    "tracking URI MLflow does not serve",
+    "pipe: URL not allowed",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small valid shard set, for cases whose fault lies elsewhere."""
+    url = f"file://{tmp_path_factory.mktemp('shards')}/shapes"
+    write_shards(shapes(40, 16, seed=0), url, samples_per_shard=20, val_samples=8, progress=False)
+    return url
 
 
 @pytest.fixture
-def setup(tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> dict:
+def setup(tmp_path: Path, mlflow_server: str, shards: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     """A valid base config (synthetic data, tmp checkpoints, the session MLflow server)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a bad case must not find a cluster
     (tmp_path / "nodata").mkdir()
@@ -130,14 +171,19 @@ def setup(tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -
         "tracking": {"uri": mlflow_server, "experiment": f"bad-input-{tmp_path.name}"},
         "scaling": {"num_workers": 1},
     }
-    return {"tmp": tmp_path, "base": base, "uri": mlflow_server}
+    return {"tmp": tmp_path, "base": base, "uri": mlflow_server, "shards": shards}
+
+
+def fill(setup: dict, text: str) -> str:
+    """``text`` with ``{tmp}`` and ``{shards}`` filled in."""
+    return text.replace("{tmp}", str(setup["tmp"])).replace("{shards}", setup["shards"])
 
 
 def write_config(setup: dict, case: Case) -> tuple[Path, list[str]]:
-    """The case's config file and its overrides, with ``{tmp}`` filled in."""
+    """The case's config file and its overrides, with ``{tmp}`` and ``{shards}`` filled in."""
     path = setup["tmp"] / "bad.yaml"
     path.write_text(case.text if case.text is not None else yaml.safe_dump(setup["base"]))
-    return path, [item.replace("{tmp}", str(setup["tmp"])) for item in case.overrides]
+    return path, [fill(setup, item) for item in case.overrides]
 
 
 def run_count(uri: str) -> int:
@@ -158,11 +204,14 @@ def assert_nothing_started(setup: dict, runs_before: int) -> None:
     assert not runs.exists() or sorted(runs.iterdir()) == []
 
 
-def test_the_base_config_passes_the_dry_run(setup, capsys):
+def test_the_base_config_passes_the_dry_run(setup):
     """The control: without the fault, the same checks pass (so each case fails for its fault)."""
     path, _ = write_config(setup, Case("valid"))
+    runs_before = run_count(setup["uri"])
     assert pretrain.main(["--config", str(path), "--dry-run"]) == 0
-    assert "every check passed" in capsys.readouterr().out
+    shards = [fill(setup, "data.train_url={shards}"), fill(setup, "data.val_url={shards}")]
+    assert pretrain.main(["--config", str(path), "--dry-run", *shards]) == 0
+    assert_nothing_started(setup, runs_before)
 
 
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
@@ -171,13 +220,12 @@ def test_bad_config_exits_2_naming_the_key(setup, capsys, case: Case, dry_run: b
     path, overrides = write_config(setup, case)
     runs_before = run_count(setup["uri"])
     argv = ["--config", str(path), *(["--dry-run"] if dry_run else []), *overrides]
-    with pytest.raises(SystemExit) as exit_info:
-        pretrain.main(argv)
+    code = pretrain.main(argv)
     stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2, stderr
+    assert code == 2, stderr
     assert str(path) in stderr
     for expected in case.names:
-        assert expected.replace("{tmp}", str(setup["tmp"])) in stderr, stderr
+        assert fill(setup, expected) in stderr, stderr
     assert "Traceback" not in stderr
     assert_nothing_started(setup, runs_before)
 
@@ -198,19 +246,43 @@ def test_bad_config_exits_2_as_a_real_command(setup, name: str):
     )
     assert result.returncode == 2, result.stderr[-3000:]
     for expected in case.names:
-        assert expected in result.stderr
+        assert fill(setup, expected) in result.stderr
     assert "Traceback" not in result.stderr
     assert_nothing_started(setup, runs_before)
 
 
-def test_finetune_with_a_bad_from_reference_exits_2(setup, capsys):
+FROM_CASES = [
+    ("yesterday-best", ("--from 'yesterday-best'", "models:/NAME/VERSION")),
+    ("../../etc/passwd", ("--from ../../etc/passwd", "/etc/passwd/model.safetensors")),
+    ("{tmp}/nodata", ("--from {tmp}/nodata", "{tmp}/nodata/model.safetensors")),
+    ("file:///proc/no/such/run", ("--from file:///proc/no/such/run", "does not exist")),
+    ("0" * 32, ("--from " + "0" * 32, "no MLflow run")),
+    ("models:/no-such-model/1", ("--from models:/no-such-model/1", "no such registered model")),
+]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize(("ref", "names"), FROM_CASES, ids=[ref for ref, _ in FROM_CASES])
+def test_finetune_with_a_bad_from_reference_exits_2(setup, capsys, ref, names, dry_run):
     path, _ = write_config(setup, Case("valid"))
     runs_before = run_count(setup["uri"])
-    code = finetune.main(["--config", str(path), "--from", "yesterday-best", "--dry-run"])
+    argv = ["--config", str(path), "--from", fill(setup, ref), *(["--dry-run"] if dry_run else [])]
+    code = finetune.main(argv)
     stderr = capsys.readouterr().err
-    assert code == 2
-    assert "--from 'yesterday-best'" in stderr
+    assert code == 2, stderr
+    for expected in names:
+        assert fill(setup, expected) in stderr, stderr
+    assert "Traceback" not in stderr
     assert_nothing_started(setup, runs_before)
+
+
+def test_finetune_from_a_checkpoint_folder_passes_the_dry_run(setup, tmp_path):
+    """The control: a folder holding the weights file is a valid origin."""
+    path, _ = write_config(setup, Case("valid"))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "model.safetensors").write_bytes(b"")
+    argv = ["--config", str(path), "--from", str(tmp_path / "checkpoint"), "--dry-run"]
+    assert finetune.main(argv) == 0
 
 
 def test_scheduler_refuses_a_job_spec_with_shell_syntax(setup, capsys):

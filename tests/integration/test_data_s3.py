@@ -14,7 +14,8 @@ from pipeline import shards
 from pipeline.data import StorageError, make_eval_loader, make_train_loader, read_info, write_shards
 from pipeline.data.sources import shapes
 from pipeline.data.storage import list_urls, read_bytes
-from tests.unit.test_data_support import IndexedSource
+from tests.helpers.cluster import free_port
+from tests.helpers.images import IndexedSource
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -142,14 +143,11 @@ def test_missing_s3_objects_are_named(s3_endpoint, capsys):
 
 def test_refused_connection_exits_2_naming_the_url(monkeypatch, capsys):
     import json
-    import socket
 
     from pipeline.data import storage
 
     monkeypatch.setattr(storage, "RETRY_BACKOFF", 0.01)  # the retries still happen, quickly
-    with socket.socket() as probe:  # a port nobody listens on: connections are refused
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listens there: connections are refused
     options = {
         "key": "testing",
         "secret": "testing",

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from pipeline.data import write_shards
 from pipeline.data.sources import shapes
-from tests.integration.test_pretrain import (
+from tests.helpers.runs import (
     checked,
     max_relative_difference,
     only_run,
-    pretrain,
+    run_pretrain,
     small_run_config,
 )
 
@@ -53,7 +53,7 @@ def test_two_nodes_one_worker_each_equal_one_node(
             train={"steps": 6, "eval_every": 3},
             scaling={"resources_per_worker": resources, "cpus_per_worker": 1},
         )
-        checked(pretrain(ray_cluster, config, env=s3_endpoint.env))
+        checked(run_pretrain(ray_cluster, config, env=s3_endpoint.env))
         client, run = only_run(mlflow_server, f"{tmp_path.name}-{name}")
         assert run.info.status == "FINISHED"
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6

@@ -6,65 +6,32 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from mlflow import MlflowClient
+from ray.job_submission import JobSubmissionClient
 from safetensors.torch import load_file
 
 from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.run.ray_cluster import job_state
+from tests.helpers.cluster import wait_until
+from tests.helpers.runs import (
+    ROOT,
+    checked,
+    max_relative_difference,
+    only_run,
+    run_pretrain,
+    small_run_config,
+)
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs" / "demo.yaml"
-
-
-def small_run_config(tmp_path: Path, name: str, tracking_uri: str, **sections: dict) -> Path:
-    """The demo config, shrunk to ``nfnet_nano`` at 32 px, with ``sections`` merged in."""
-    config = yaml.safe_load(DEMO.read_text())
-    config["model"] = {"name": "nfnet_nano"}
-    config["train"] |= {"global_batch": 16, "micro_batch": 8, "log_every": 1, "eval_every": 5}
-    config["data"] |= {"loader_workers": 1, "shuffle_buffer": 64}
-    config["checkpoint"] |= {"every_steps": 5, "storage_url": f"file://{tmp_path}/runs"}
-    config["tracking"] = {"uri": tracking_uri, "experiment": f"{tmp_path.name}-{name}"}
-    config["scaling"] = {"num_workers": 2, "cpus_per_worker": 1}
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text("# test config\n" + yaml.safe_dump(config))
-    return path
-
-
-def pretrain(cluster, config: Path, *overrides: str, env: dict | None = None, timeout=300):
-    """``python -m pipeline.pretrain`` as a driver process joining the session's Ray cluster."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.pretrain", "--config", str(config), *overrides],
-        env=cluster.env(**(env or {})),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def checked(result: subprocess.CompletedProcess) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
 
 
 def final_weights(tmp_path: Path) -> dict:
     """The raw weights of the newest checkpoint under ``tmp_path/runs``."""
     latest = sorted((tmp_path / "runs").glob("*/step_*"))[-1]
     return load_file(latest / "model.safetensors")
-
-
-def max_relative_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)).item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +68,10 @@ def test_ray_job_submit_runs_the_demo_and_mlflow_holds_the_run(
         text=True,
         timeout=400,
     )  # fmt: skip
-    output = checked(result)
-    assert "succeeded" in output.lower()
+    checked(result)
+    jobs = JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
+    (job,) = [job for job in jobs if str(config) in job.entrypoint]
+    assert job_state(job.status) == "SUCCEEDED"
     client, run = only_run(mlflow_server, "job-submit")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "nfnet_nano"
@@ -124,12 +93,6 @@ def test_ray_job_submit_runs_the_demo_and_mlflow_holds_the_run(
     }
 
 
-def only_run(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return client, run
-
-
 def test_two_workers_equal_one_worker_accumulating_two_micro_batches(
     ray_cluster, mlflow_server, tmp_path
 ):
@@ -147,7 +110,7 @@ def test_two_workers_equal_one_worker_accumulating_two_micro_batches(
         sections = {key: dict(value) for key, value in common.items()}
         sections["scaling"] = {"num_workers": workers}
         config = small_run_config(folder, "exact", mlflow_server, **sections)
-        checked(pretrain(ray_cluster, config))
+        checked(run_pretrain(ray_cluster, config))
         runs[workers] = folder
     # 2 workers × micro 8 × accumulation 1  ==  1 worker × micro 8 × accumulation 2
     difference = max_relative_difference(final_weights(runs[2]), final_weights(runs[1]))
@@ -186,11 +149,15 @@ def test_resumed_run_equals_uninterrupted_run_on_s3(
             checkpoint={"storage_url": s3_endpoint.url("runs", name), "every_steps": 4, **storage},
             train={"steps": 10, "eval_every": 5},
         )
-    first = checked(pretrain(ray_cluster, runs["interrupted"], "train.stop_after=5"))
-    assert "stopped after step 5" in first
-    second = checked(pretrain(ray_cluster, runs["interrupted"]))
+    checked(run_pretrain(ray_cluster, runs["interrupted"], "train.stop_after=5"))
+    client, run = only_run(mlflow_server, f"{tmp_path.name}-interrupted")
+    assert run.info.status == "KILLED"  # left after step 5, as if preempted
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 6))
+    # No record says where a run resumed: the driver's output does.
+    second = checked(run_pretrain(ray_cluster, runs["interrupted"]))
     assert "resumed from checkpoint at step 5" in second
-    checked(pretrain(ray_cluster, runs["straight"]))
+    checked(run_pretrain(ray_cluster, runs["straight"]))
 
     import s3fs
 
@@ -211,9 +178,7 @@ def test_resumed_run_equals_uninterrupted_run_on_s3(
 
 
 def _kill_one_worker_after_first_checkpoint(runs: Path, killed: list) -> None:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(runs.glob("*/step_*")):
-        time.sleep(0.2)
+    wait_until(lambda: list(runs.glob("*/step_*")), timeout=240, interval=0.2)
     found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
     pids = found.stdout.split()
     if pids:
@@ -238,7 +203,7 @@ def test_killed_worker_resumes_from_last_checkpoint_and_finishes(
         target=_kill_one_worker_after_first_checkpoint, args=(tmp_path / "runs", killed)
     )
     watcher.start()
-    output = checked(pretrain(ray_cluster, config))
+    output = checked(run_pretrain(ray_cluster, config))
     watcher.join()
     assert killed, "no training worker was found to kill"
     assert "resumed from checkpoint at step" in output

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,14 @@ import yaml
 from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
-from pipeline.compare import compare_runs
+from pipeline.analysis import compare_runs
 from pipeline.data import write_shards
 from pipeline.data.sources import digits, shapes
-from tests.integration.test_pretrain import checked, pretrain, small_run_config
+from pipeline.run.ray_cluster import RAY_JOB_ENDED, job_state
+from tests.helpers.cluster import wait_until
+from tests.helpers.runs import ROOT, checked, run_pretrain, small_run_config
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def schedule(cluster, mlflow_uri: str, run_id: str, jobs: Path, *extra: str):
@@ -42,13 +42,16 @@ def schedule(cluster, mlflow_uri: str, run_id: str, jobs: Path, *extra: str):
 
 def wait_until_settled(client: JobSubmissionClient, run_id: str, timeout: float = 300) -> list:
     """The scheduler's jobs for this run, once none is pending or running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("pretrain_run") == run_id]
-        if jobs and all(str(j.status).split(".")[-1] in {"SUCCEEDED", "FAILED"} for j in jobs):
-            return jobs
-        time.sleep(2)
-    raise AssertionError("finetune jobs did not settle in time")
+    jobs: list = []
+
+    def settled() -> bool:
+        jobs[:] = [
+            j for j in client.list_jobs() if (j.metadata or {}).get("pretrain_run") == run_id
+        ]
+        return bool(jobs) and all(job_state(j.status) in RAY_JOB_ENDED for j in jobs)
+
+    assert wait_until(settled, timeout, interval=2), "finetune jobs did not settle in time"
+    return jobs
 
 
 def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
@@ -61,7 +64,7 @@ def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
     config = small_run_config(
         tmp_path, "pretrain", mlflow_server, data={"train_url": shards}, train={"steps": 10}
     )
-    checked(pretrain(ray_cluster, config))
+    checked(run_pretrain(ray_cluster, config))
     mlflow = MlflowClient(mlflow_server)
     experiment = mlflow.get_experiment_by_name(f"{tmp_path.name}-pretrain")
     (pretrain_run,) = mlflow.search_runs([experiment.experiment_id])
@@ -95,7 +98,7 @@ def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
     ray_jobs = JobSubmissionClient(ray_cluster.dashboard_url)
     settled = wait_until_settled(ray_jobs, run_id)
     assert sorted(j.metadata["step"] for j in settled) == ["10", "5"]
-    assert {str(j.status).split(".")[-1] for j in settled} == {"FAILED"}
+    assert {job_state(j.status) for j in settled} == {"FAILED"}
 
     write_shards(digits(32), task_url, samples_per_shard=500, progress=False)
     final = schedule(ray_cluster, mlflow_server, run_id, jobs)  # runs until all is done
@@ -109,8 +112,8 @@ def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
     attempts = sorted((j.metadata["step"], j.metadata["attempt"]) for j in submitted)
     assert attempts == [("10", "0"), ("10", "1"), ("5", "0"), ("5", "1")]  # nothing twice
     by_attempt = {(j.metadata["step"], j.metadata["attempt"]): j for j in submitted}
-    assert str(by_attempt[("5", "1")].status).endswith("SUCCEEDED")
-    assert str(by_attempt[("10", "1")].status).endswith("SUCCEEDED")
+    assert job_state(by_attempt[("5", "1")].status) == "SUCCEEDED"
+    assert job_state(by_attempt[("10", "1")].status) == "SUCCEEDED"
 
     finetunes = mlflow.search_runs(
         [experiment.experiment_id], f"tags.`pipeline.pretrain_run_id` = '{run_id}'"

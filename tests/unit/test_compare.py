@@ -9,7 +9,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from pipeline import compare, tracking
+from pipeline import analysis, compare, tracking
+from pipeline.analysis.report import format_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ("digits", "shapes")
@@ -61,7 +62,7 @@ def test_compare_plots_every_logged_point_of_every_series(
     logged: dict[str, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "plots"
-    result = compare.compare_runs(logged["uri"], [logged["first"], logged["second"]], out_dir=out)
+    result = analysis.compare_runs(logged["uri"], [logged["first"], logged["second"]], out_dir=out)
 
     assert result["plots"] == {
         "loss.png": {"agc train/loss": 20, "no-agc train/loss": 12},
@@ -81,9 +82,9 @@ def test_compare_plots_every_logged_point_of_every_series(
 
 
 def test_compare_table_has_final_and_best_values_and_differing_params(
-    logged: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    logged: dict[str, str], tmp_path: Path
 ) -> None:
-    result = compare.compare_runs(
+    result = analysis.compare_runs(
         logged["uri"], [logged["first"], logged["second"]], out_dir=tmp_path
     )
     first, second = result["runs"]
@@ -93,14 +94,14 @@ def test_compare_table_has_final_and_best_values_and_differing_params(
     assert second["val/top1 final"] == pytest.approx(0.2)
     assert second["train/images_per_s best"] == 111.0
     assert result["differing_params"] == {"optim.lr": {"agc": "0.4", "no-agc": "0.2"}}
-    printed = capsys.readouterr().out
-    assert "optim.lr" in printed and "1.1/1.1" in printed
+    report = format_report(result["runs"], result["differing_params"])
+    assert "optim.lr" in report and "1.1/1.1" in report
 
 
 def test_downstream_groups_the_final_top1_by_pretraining_step(logged: dict[str, str]) -> None:
-    comparison = compare.Comparison(logged["uri"])
+    comparison = analysis.Comparison(logged["uri"])
     views = comparison.search(comparison.all_experiment_ids(), "")
-    finetuned, scratch = compare.group_downstream(comparison, views)
+    finetuned, scratch = analysis.group_downstream(comparison, views)
     assert finetuned == {
         (logged["first"], "digits"): {10: pytest.approx(0.6), 20: pytest.approx(0.7)},
         (logged["first"], "shapes"): {10: pytest.approx(0.7), 20: pytest.approx(0.8)},
@@ -112,7 +113,7 @@ def test_compare_by_experiment_skips_plots_without_data(
     logged: dict[str, str], tmp_path: Path
 ) -> None:
     (tmp_path / "loss.png").write_bytes(PNG_MAGIC)  # left over from an earlier comparison
-    result = compare.compare_runs(
+    result = analysis.compare_runs(
         logged["uri"], experiment="finetune", out_dir=tmp_path, quiet=True
     )
     assert len(result["runs"]) == 6
@@ -126,10 +127,10 @@ def test_compare_by_experiment_skips_plots_without_data(
 def test_comparing_one_finetune_run_finds_its_scratch_baseline(
     logged: dict[str, str], tmp_path: Path
 ) -> None:
-    comparison = compare.Comparison(logged["uri"])
+    comparison = analysis.Comparison(logged["uri"])
     finetune_filter = "tags.`pipeline.task` = 'digits' and tags.`pipeline.pretrain_step` = '20'"
     (finetune,) = comparison.search(comparison.all_experiment_ids(), finetune_filter)
-    result = compare.compare_runs(logged["uri"], [finetune.run_id], out_dir=tmp_path, quiet=True)
+    result = analysis.compare_runs(logged["uri"], [finetune.run_id], out_dir=tmp_path, quiet=True)
     assert result["plots"]["downstream.png"] == {"digits": 1, "digits scratch": 1}
     assert result["plots"]["finetune_vs_scratch.png"] == {"finetuned": 1, "scratch": 1}
 
@@ -155,3 +156,27 @@ def test_main_writes_plots_and_exits_0(logged: dict[str, str], tmp_path: Path) -
     out = tmp_path / "cli"
     assert compare.main([logged["second"], "--out", str(out), "--tracking-uri", logged["uri"]]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["loss.png", "top1.png"]
+
+
+def test_compare_experiment_draws_the_experiment_figure_and_table(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name, clipping, top1 in (("agc", 0.01, 0.6), ("plain", None, 0.5)):
+        params = {"model": {"name": "nfnet_test"}, "train": {"global_batch": 64}}
+        params["plan"] = {"clipping": clipping, "peak_lr": 0.1}
+        tags = {**tracking.lineage_tags("pretrain"), tracking.TAG_EXPERIMENT_RUN: name}
+        run_id = tracking.create_run(uri, "agc_batch", name, params, "{}\n", tags=tags)
+        _log(uri, run_id, "val/top1", [(0, top1 / 2), (1, top1)])
+        tracking.end_run(uri, run_id)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("agc_batch").experiment_id
+    client.set_experiment_tag(experiment, tracking.TAG_FIGURE, "batch")
+
+    result = analysis.compare_experiment(uri, "agc_batch", tmp_path / "plots")
+
+    assert result["plots"]["agc_batch.png"] == {"with AGC": 1, "without AGC": 1}
+    rows = {row["run"]: row for row in result["experiment_rows"]}
+    assert (rows["agc"]["clipping"], rows["plain"]["clipping"]) == (0.01, None)
+    assert (rows["agc"]["val_top1"], rows["agc"]["batch"]) == (0.6, 64)
+    table = (tmp_path / "plots" / "table.md").read_text()
+    assert "| agc | nfnet_test | 0 | 64 | 0.1 | 0.01 | - | 0.6 |" in table
+    assert (tmp_path / "plots" / "agc_batch.png").read_bytes()[:8] == PNG_MAGIC

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.data.decode import CorruptImage, check_image, decode_rgb
 from pipeline.data.sources import encode_jpeg
-from tests.unit.test_data_support import jpeg_bytes, png_bytes, without_segment
+from tests.helpers.images import jpeg_bytes, png_bytes, without_segment
 
 
 def _pixel(data: bytes, x: int = 0, y: int = 0) -> list[int]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import tarfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.data import StorageError, make_eval_loader, make_train_loader, write_shards
-from tests.unit.test_data_support import (
+from tests.helpers.images import (
     IndexedSource,
     jpeg_bytes,
+    png_bytes,
     tar_bytes,
     without_segment,
     write_info,
@@ -168,7 +171,7 @@ def test_bad_samples_are_skipped_and_counted_exactly(tmp_path, workers):
     images = {int(y): x for batch, labels in loader for x, y in zip(batch, labels, strict=True)}
     assert sorted(images) == GOOD_LABELS
     assert images[14].abs().max().item() < 0.01  # the undecodable one: a blank, mean-grey image
-    assert loader.skipped_by_reason() == EXPECTED_SKIPS
+    assert loader.counter.by_reason() == EXPECTED_SKIPS
     assert loader.skipped() == 7
 
 
@@ -239,11 +242,6 @@ def test_a_split_without_any_usable_sample_is_an_error_not_a_hang(tmp_path):
 
 
 def test_every_stored_mode_reaches_the_batch_as_rgb(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from tests.unit.test_data_support import png_bytes
-
     palette = Image.new("P", (20, 20), 1)
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     images = {

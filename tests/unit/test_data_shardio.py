@@ -9,7 +9,9 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline.data.shardio import SkipCounter, iter_shard
+from pipeline.data import storage
+from pipeline.data.shardio import SkipCounter, iter_shard, register_fsspec_opener
+from pipeline.data.storage import StorageError
 
 LONG = "d" * 120 + "/sample.with.dots"
 
@@ -87,10 +89,11 @@ def test_a_damaged_header_counts_as_truncation(tmp_path):
 
 
 class _FlakyMemoryFS(MemoryFileSystem):
-    """memory:// whose files break the connection once, after 1500 bytes of the first read."""
+    """memory:// whose first ``breaks`` opens break the connection after 4700 bytes."""
 
     protocol = ("flakymem",)
     opened = 0
+    breaks = 1
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -99,29 +102,43 @@ class _FlakyMemoryFS(MemoryFileSystem):
     def _open(self, path, mode="rb", **kwargs):
         data = super()._open(path, mode, **kwargs).getvalue()
         type(self).opened += 1
-        return _BreakingReader(data) if type(self).opened == 1 else io.BytesIO(data)
+        return _BreakingReader(data) if type(self).opened <= type(self).breaks else io.BytesIO(data)
 
 
 class _BreakingReader(io.BytesIO):
     def read(self, size=-1):
-        if self.tell() >= 1500:
+        if self.tell() >= 4700:  # inside x/k2.cls: k1 was yielded, a resume skips 3 members
             raise ConnectionResetError("connection reset by peer")
         return super().read(size)
 
 
-def test_a_connection_reset_mid_shard_reopens_and_resumes(tmp_path, monkeypatch):
-    from pipeline.data import storage
-    from pipeline.data.shardio import register_fsspec_opener
-
+def _flaky_shard(tmp_path, monkeypatch, breaks: int) -> str:
+    """The test tar at flakymem://, breaking on its first ``breaks`` opens; no retry wait."""
     monkeypatch.setattr(storage, "RETRY_BACKOFF", 0.0)
     fsspec.register_implementation("flakymem", _FlakyMemoryFS, clobber=True)
     register_fsspec_opener()
     path = _tar(tmp_path, tarfile.GNU_FORMAT)
     with open(path, "rb") as handle:
         _FlakyMemoryFS().pipe_file("/flaky/shard.tar", handle.read())
+    monkeypatch.setattr(_FlakyMemoryFS, "opened", 0)  # count the reads only, not the write
+    monkeypatch.setattr(_FlakyMemoryFS, "breaks", breaks)
+    return path
+
+
+def test_a_connection_reset_mid_shard_reopens_and_resumes(tmp_path, monkeypatch):
+    path = _flaky_shard(tmp_path, monkeypatch, breaks=1)
     counter = SkipCounter()
     flaky = list(iter_shard("flakymem://flaky/shard.tar", counter))
     assert _FlakyMemoryFS.opened == 2  # broken once, reopened once
     assert flaky == list(iter_shard(path, SkipCounter()))
     assert [s["__key__"] for s in flaky] == ["k1", "d" * 120 + "/sample", "x/k2"]
     assert counter.skipped_samples() == 0
+
+
+def test_a_shard_that_keeps_breaking_fails_naming_its_url(tmp_path, monkeypatch):
+    _flaky_shard(tmp_path, monkeypatch, breaks=100)
+    with pytest.raises(StorageError) as caught:
+        list(iter_shard("flakymem://flaky/shard.tar", SkipCounter()))
+    assert caught.value.url == "flakymem://flaky/shard.tar"
+    assert caught.value.reason.startswith("reading failed after 5 attempt(s)")
+    assert _FlakyMemoryFS.opened == storage.RETRY_ATTEMPTS == 5

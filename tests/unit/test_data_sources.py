@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.data.decode import decode_rgb
 from pipeline.data.sources import SourceError, digits, from_name, imagefolder, shapes
-from tests.unit.test_data_support import jpeg_bytes, png_bytes
+from tests.helpers.images import jpeg_bytes, png_bytes
 
 
 def test_shapes_are_deterministic_per_seed_and_balanced():

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.data import storage
 from pipeline.data.storage import StorageError
+from pipeline.retry import call_with_backoff
 
 
 def test_atomic_write_leaves_only_the_final_file(tmp_path):
@@ -87,10 +88,16 @@ class _ClientError(Exception):
         self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
+def _retry(fn, attempts: int, backoff: float, sleep) -> str:
+    return call_with_backoff(
+        fn, is_transient=storage.is_transient, attempts=attempts, backoff=backoff, sleep=sleep
+    )
+
+
 def test_retry_backs_off_exponentially_on_transient_errors():
     sleeps: list[float] = []
     flaky = _FlakyCall([ConnectionError("reset"), TimeoutError(), _ClientError("SlowDown", 503)])
-    assert storage.retry(flaky, attempts=5, backoff=0.25, sleep=sleeps.append) == "done"
+    assert _retry(flaky, attempts=5, backoff=0.25, sleep=sleeps.append) == "done"
     assert flaky.calls == 4
     assert sleeps == [0.25, 0.5, 1.0]
 
@@ -99,7 +106,7 @@ def test_retry_gives_up_after_the_last_attempt():
     sleeps: list[float] = []
     flaky = _FlakyCall([OSError(errno.ECONNRESET, "reset")] * 3)
     with pytest.raises(OSError):
-        storage.retry(flaky, attempts=3, backoff=1.0, sleep=sleeps.append)
+        _retry(flaky, attempts=3, backoff=1.0, sleep=sleeps.append)
     assert flaky.calls == 3
     assert sleeps == [1.0, 2.0]
 
@@ -117,8 +124,19 @@ def test_retry_does_not_repeat_permanent_errors(error):
     sleeps: list[float] = []
     flaky = _FlakyCall([error])
     with pytest.raises(type(error)):
-        storage.retry(flaky, attempts=5, backoff=1.0, sleep=sleeps.append)
+        _retry(flaky, attempts=5, backoff=1.0, sleep=sleeps.append)
     assert (flaky.calls, sleeps) == (1, [])
+
+
+def test_storage_calls_try_five_times_then_name_the_url(monkeypatch):
+    monkeypatch.setattr(storage, "RETRY_BACKOFF", 0.0)
+    flaky = _FlakyCall([ConnectionResetError("reset")] * 5)
+    with pytest.raises(StorageError) as caught:
+        storage.call_with_retries("s3://bucket/x", flaky)
+    assert flaky.calls == storage.RETRY_ATTEMPTS == 5
+    assert caught.value.url == "s3://bucket/x"
+    assert caught.value.reason == "ConnectionResetError: reset"
+    assert storage.call_with_retries("s3://bucket/x", _FlakyCall([TimeoutError()] * 4)) == "done"
 
 
 def test_transient_cause_is_found_through_the_exception_chain():
@@ -128,7 +146,7 @@ def test_transient_cause_is_found_through_the_exception_chain():
         except ConnectionResetError as inner:
             raise OSError("read failed") from inner
     except OSError as outer:
-        assert storage._is_transient(outer)
+        assert storage.is_transient(outer)
 
 
 def test_storage_error_survives_pickling_as_ray_sends_it_from_a_worker():

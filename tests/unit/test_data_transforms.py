@@ -8,6 +8,9 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.data.transforms import (
+    BICUBIC,
+    CROP_AREA,
+    CROP_ASPECT,
     IMAGENET_MEAN,
     IMAGENET_STD,
     FusedTrainTransform,
@@ -16,8 +19,19 @@ from pipeline.data.transforms import (
     _to_pil,
     eval_transform,
     normalize_batch,
-    train_transform,
 )
+
+
+def v2_pipeline(resolution: int, layers: int, level: float) -> v2.Compose:
+    """The training recipe as a plain torchvision v2 pipeline: what FusedTrainTransform equals."""
+    crop = v2.RandomResizedCrop(
+        resolution, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=BICUBIC, antialias=True
+    )
+    if layers == 0:
+        return v2.Compose([crop, v2.RandomHorizontalFlip()])
+    to_pil = v2.Lambda(_to_pil, torch.Tensor)
+    randaugment = LevelRandAugment(layers, level)
+    return v2.Compose([crop, to_pil, v2.RandomHorizontalFlip(), randaugment, v2.PILToTensor()])
 
 
 def _image(seed: int, height: int = 40, width: int = 48) -> torch.Tensor:
@@ -61,16 +75,17 @@ def test_normalize_batch_matches_a_float64_reference():
 
 def test_eval_transform_of_a_padded_square_is_its_centre():
     image = _image(7, 96, 96)  # (64 + 32)^2: the squash-resize is the identity
-    assert torch.equal(eval_transform(64, normalize=False)(image), image[:, 16:80, 16:80])
+    assert torch.equal(eval_transform(64)(image), image[:, 16:80, 16:80])
 
 
 def test_eval_transform_squashes_any_aspect_to_the_test_resolution():
-    out = eval_transform(24, normalize=True)(_image(1, 30, 90))
-    assert tuple(out.shape) == (3, 24, 24) and out.dtype == torch.float32
+    out = eval_transform(24)(_image(1, 30, 90))
+    assert tuple(out.shape) == (3, 24, 24) and out.dtype == torch.uint8
 
 
-def test_train_transform_shapes_and_determinism_under_a_seed():
-    transform = train_transform(32, 4, 5, normalize=False)
+@pytest.mark.parametrize("layers", [4, 0])
+def test_train_transform_shapes_and_determinism_under_a_seed(layers):
+    transform = FusedTrainTransform(32, layers, 5)
     image = _image(3, 64, 80)
     torch.manual_seed(11)
     first = transform(image)
@@ -78,14 +93,12 @@ def test_train_transform_shapes_and_determinism_under_a_seed():
     second = transform(image)
     assert first.dtype == torch.uint8 and tuple(first.shape) == (3, 32, 32)
     assert torch.equal(first, second)
-    normalized = train_transform(32, 0, 0)(image)
-    assert normalized.dtype == torch.float32 and tuple(normalized.shape) == (3, 32, 32)
 
 
 @pytest.mark.parametrize(("layers", "level"), [(4, 5), (2, 15), (0, 0)])
 def test_fused_train_transform_equals_the_v2_pipeline(layers, level):
     fused = FusedTrainTransform(40, layers, level)
-    reference = train_transform(40, layers, level, normalize=False)
+    reference = v2_pipeline(40, layers, level)
     for seed in range(16):
         image = _image(seed, 56, 72)
         torch.manual_seed(seed)
@@ -97,7 +110,7 @@ def test_fused_train_transform_equals_the_v2_pipeline(layers, level):
 def test_transforms_pickle_for_spawned_loader_workers():
     import pickle
 
-    for transform in (FusedTrainTransform(32, 4, 15), train_transform(32, 2, 5)):
+    for transform in (FusedTrainTransform(32, 4, 15), eval_transform(32)):
         copy = pickle.loads(pickle.dumps(transform))
         image = _image(5, 48, 48)
         torch.manual_seed(3)

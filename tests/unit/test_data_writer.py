@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline import shards
 from pipeline.data import read_info, write_shards
+from pipeline.data.inspect import THUMBNAIL, inspect_shards
 from pipeline.data.sources import shapes
 from pipeline.data.writer import WriteConflict
-from tests.unit.test_data_support import IndexedSource
+from tests.helpers.images import IndexedSource
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,23 +168,27 @@ def test_killed_write_resumes_to_the_same_shards(tmp_path):
     assert len(_files(killed)) == 2 + 28 + 2
 
 
-def test_cli_write_and_inspect(tmp_path, capsys):
+def test_cli_write_and_inspect(tmp_path):
     url = f"file://{tmp_path}/set"
     options = ["--num-samples", "60", "--resolution", "16", "--samples-per-shard", "25"]
     assert shards.main(["write", "digits", url, *options, "--val-samples", "10", "--quiet"]) == 0
-    assert "{'train': 50, 'validation': 10}" in capsys.readouterr().out
+    info = read_info(url)
+    assert {name: split.num_samples for name, split in info.splits.items()} == {
+        "train": 50,
+        "validation": 10,
+    }
+    assert info.class_names[:3] == ("0", "1", "2")
     grid = tmp_path / "grid.png"
     assert (
         shards.main(["inspect", url, "--grid", str(grid), "--grid-samples", "6", "--verify"]) == 0
     )
-    out = capsys.readouterr().out
-    assert "classes: 10 (0, 1, 2" in out
-    assert "split train: 50 samples in 2 shards" in out and "read 50 samples" in out
-    assert "split validation: 10 samples in 1 shards" in out and "read 10 samples" in out
-    from PIL import Image
-
     with Image.open(grid) as image:
-        assert image.size == (6 * shards.THUMBNAIL, shards.THUMBNAIL)
+        assert image.size == (6 * THUMBNAIL, THUMBNAIL)
+    report = inspect_shards(url, str(tmp_path / "again.png"), grid_samples=6, verify=True)
+    assert report["num_classes"] == 10
+    figures = report["splits"]
+    assert (figures["train"]["num_shards"], figures["train"]["samples_read"]) == (2, 50)
+    assert (figures["validation"]["num_shards"], figures["validation"]["samples_read"]) == (1, 10)
 
 
 @pytest.mark.parametrize(

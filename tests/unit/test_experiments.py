@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.experiments import (
+from pipeline.experiments import main
+from pipeline.run.experiments import (
     EXPERIMENTS_DIR,
     available,
     load_experiment,
-    main,
     run_configs,
     run_name,
+    select_runs,
 )
 
 SHIPPED = ["agc_batch", "agc_lambda", "nf_vs_bn", "transfer"]
@@ -109,3 +110,16 @@ def test_an_unknown_experiment_or_run_exits_2_listing_the_choices(tmp_path, caps
     assert "no run(s) ['b99']" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_only_keeps_the_runs_named_and_the_runs_they_finetune_from(tmp_path):
+    text = VALID + "  - {name: b, finetune_from: a@5}\n  - {name: c, finetune_from: scratch}\n"
+    name, spec = load_experiment(_write(tmp_path, text))
+    assert [run.name for run in select_runs(name, spec, None)] == ["a", "b", "c"]
+    assert [run.name for run in select_runs(name, spec, ["b"])] == ["a", "b"]
+    assert [run.name for run in select_runs(name, spec, ["c"])] == ["c"]
+    assert [(run.kind, run.parent) for run in spec.runs] == [
+        ("pretrain", None),
+        ("finetune", ("a", 5)),
+        ("scratch", None),
+    ]

@@ -1,4 +1,5 @@
-"""Run identity: the same command names the same run, so running it again resumes it."""
+"""Run identity: the same command names the same run, so running it again resumes it; where Ray
+Train writes; the local Ray cluster's environment and its stopping."""
 
 import signal
 import subprocess
@@ -7,7 +8,15 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.launch import RAY_S3_RETRIES, default_run_name, stop_ray_processes, storage_target
+from pipeline.run.launch import RAY_S3_RETRIES, default_run_name, storage_target
+from pipeline.run.ray_cluster import (
+    RAY_JOB_ENDED,
+    RAY_JOB_FAILED,
+    RAY_JOB_SUCCEEDED,
+    job_state,
+    local_ray_env,
+    stop_ray_processes,
+)
 
 
 def test_same_command_same_run_name_whatever_stop_after_or_uri_spelling():
@@ -70,3 +79,19 @@ def test_stop_ray_processes_signals_only_the_marked_processes_and_their_children
         marked.kill()
         other.kill()
         other.wait()
+
+
+def test_the_local_ray_environment_runs_this_python_on_the_cpu_without_telemetry(monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = local_ray_env(EXTRA="1")
+    assert env["PATH"] == f"{Path(sys.executable).parent}:/usr/bin"
+    assert (env["DS_ACCELERATOR"], env["RAY_USAGE_STATS_ENABLED"]) == ("cpu", "0")
+    assert env["RAY_AUTH_MODE"] == "disabled" and env["EXTRA"] == "1"
+
+
+def test_job_states_by_outcome():
+    from ray.job_submission import JobStatus
+
+    assert RAY_JOB_ENDED == RAY_JOB_SUCCEEDED | RAY_JOB_FAILED
+    assert {job_state(status) for status in JobStatus if status.is_terminal()} == RAY_JOB_ENDED
+    assert job_state("JobStatus.RUNNING") == "RUNNING"

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.models import count_flops, count_params, create_model, get_variant, list_models
 
-# Exact counts for 1000 classes (spec D: derived from DM nfnet.py; they round to the README's
+# Exact counts for 1000 classes (derived from DM nfnet.py; they round to the DM README's
 # 71.5M ... 438.4M and include one skip_gain scalar per block).
 PARAMS = {
     "nfnet_f0": 71_489_284,
@@ -137,13 +137,24 @@ def test_bad_arguments_name_the_offender(kwargs, message):
         create_model(**kwargs)
 
 
-def test_reset_classifier_gives_a_fresh_head():
+def test_the_classifier_head_starts_as_dm_initialises_it():
     torch.manual_seed(0)
-    model = create_model("nfnet_micro", num_classes=10)
-    model.reset_classifier(1000)
+    model = create_model("nfnet_micro", num_classes=1000)
     fc = model.head.fc
     assert (fc.out_features, fc.in_features) == (1000, 512)
     # DM nfnet.py: N(0, 0.01) weight, zero bias; 512k samples give the std to ~0.1 %.
     assert abs(fc.weight.std().item() - 0.01) < 1e-4
     assert torch.count_nonzero(fc.bias).item() == 0
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("name", ["nfnet_nano", "resnet_bn_nano"])
+def test_channels_last_sets_the_activation_layout_of_every_family(name):
+    images = torch.randn(2, 3, 32, 32)
+    for channels_last in (True, False):
+        model = create_model(name, num_classes=10, channels_last=channels_last).eval()
+        with torch.no_grad():
+            features = model.forward_features(images)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert features.is_contiguous(memory_format=layout)
+        assert features.is_contiguous() != channels_last

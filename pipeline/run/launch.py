@@ -1,4 +1,4 @@
-"""The Ray Train launch shared by pretraining and finetuning.
+"""The Ray Train launch shared by pretraining, finetuning and experiments.
 
 The driver connects to Ray (``RAY_ADDRESS``, as under ``ray job submit``, or a local cluster on
 127.0.0.1), creates or re-opens the run's MLflow run, and runs a ``TorchTrainer`` whose workers
@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import RunConfig, to_yaml
+from mlflow import MlflowClient
+
+from pipeline.config import RunConfig, absolute_sqlite_uri, to_yaml
 from pipeline.data.storage import atomic_write_bytes, read_bytes, url_exists
+from pipeline.run.ray_cluster import connect_ray
+from pipeline.tracking import TAG_KIND, create_run, end_run
 from pipeline.train.plan import Plan
+
+log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -45,54 +50,6 @@ def default_run_name(config: RunConfig, kind: str, origin: dict[str, Any] | None
     return f"{kind}-{config.model.name}-{digest.hexdigest()[:8]}"
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at ``address``/``RAY_ADDRESS``, or start a local one on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-        )
-
-
-def stop_ray_processes(marks: Sequence[str], sig: int = signal.SIGTERM) -> int:
-    """Signal the processes of one local Ray cluster: those whose command line holds a mark
-    (its ``--temp-dir``, its GCS address), and all their descendants. Ray's agents retitle
-    themselves ("ray::DashboardAgent") and hold no mark; left orphaned by a killed raylet, they
-    lived on for about 100 s, writing into the cluster's folder. ``ray stop`` would stop every
-    Ray on the machine. Returns how many processes were signalled."""
-    import psutil
-
-    me = os.getpid()
-    targets: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if process.pid == me or not any(mark in cmdline for mark in marks):
-            continue
-        targets[process.pid] = process
-        try:
-            targets.update({child.pid: child for child in process.children(recursive=True)})
-        except psutil.Error:  # gone meanwhile, or not ours to read
-            pass
-    targets.pop(me, None)
-    signalled = 0
-    for process in targets.values():
-        try:
-            process.send_signal(sig)
-            signalled += 1
-        except psutil.Error:  # gone meanwhile
-            pass
-    return signalled
-
-
 def storage_target(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
     """Ray Train's ``storage_path`` and ``storage_filesystem`` for a file:// or s3:// URL."""
     if url.startswith("file://") or "://" not in url:
@@ -108,10 +65,10 @@ def storage_target(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]
     return url, None
 
 
-# What Ray Train writes itself (its controller's checkpoint snapshot) gets only botocore's
-# retries, and its default (5 attempts, "legacy" backoff from a random base under 1 s) can give
-# up within a few seconds: a short S3 outage then failed the whole run. Ten attempts in
-# "standard" mode back off up to 20 s each, riding out well over a minute.
+# Ray Train writes its controller's checkpoint snapshot itself, with botocore's retries only;
+# their default (5 attempts, "legacy" backoff from a random base under 1 s) gives up within
+# seconds. Ten attempts in "standard" mode back off up to 20 s each: a run rides out an S3
+# outage of over a minute.
 RAY_S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
 
 
@@ -137,10 +94,6 @@ def open_mlflow_run(
 
     Returns the run id and the status the run had (``None`` for a new run).
     """
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import create_run
-
     marker = f"{run_url(config, run_name)}/{RUN_ID_FILE}"
     options = config.checkpoint.storage_options
     if url_exists(marker, options):
@@ -175,18 +128,18 @@ def launch(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.tracking import TAG_KIND, end_run, resolve_tracking_uri
-    from pipeline.train.trainer import train_loop_per_worker
+    # deferred: the worker module imports DeepSpeed and the models (seconds)
+    from pipeline.train.worker import train_loop_per_worker
 
-    # Workers (and Ray jobs) may run in another directory: make a relative sqlite path absolute.
-    config.tracking.uri = resolve_tracking_uri(config.tracking.uri)
+    # Workers (and Ray jobs) run in directories of their own: a SQLite path must be absolute.
+    config.tracking.uri = absolute_sqlite_uri(config.tracking.uri)
     run_name = default_run_name(config, kind, {"tags": tags, "init": init})
     run_id, previous = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
     if previous == "FINISHED":
-        print(f"run {run_name} (MLflow {run_id}) has already finished; nothing to do")
+        log.info(f"run {run_name} (MLflow {run_id}) has already finished; nothing to do")
         return LaunchResult(run_id, run_name, None, {})
     if previous is not None:
-        print(f"resuming run {run_name} (MLflow {run_id}, was {previous})")
+        log.info(f"resuming run {run_name} (MLflow {run_id}, was {previous})")
     connect_ray(config.scaling.ray_address)
     storage_path, filesystem = storage_target(
         config.checkpoint.storage_url, config.checkpoint.storage_options

@@ -1,4 +1,4 @@
-"""Helpers shared by the data tests: a source whose label is the sample's index, shard builders."""
+"""Test images and shards: a source whose label is the sample's index, JPEG/PNG/tar builders."""
 
 from __future__ import annotations
 

@@ -1,0 +1,288 @@
+"""The datasets behind the loaders: a resumable seeded training stream, an exact-once eval stream.
+
+Training. Shard order: pass ``p`` over the split is a permutation drawn from (seed, epoch, p), the
+same on every rank; the passes are concatenated and stream ``i`` of ``n`` = world_size x workers
+takes every ``n``-th entry, so streams read disjoint shards within a pass and the stream never
+ends. Samples go through a shuffle buffer seeded by (seed, epoch, rank, stream); each sample's
+augmentation is seeded by (seed, epoch, rank, stream, position). Images stay uint8 until a batch
+is complete, which is normalised in one vectorised step straight into shared memory.
+
+Batch ``g`` of a rank comes from stream ``g mod workers``; with ``start_batch = j`` the physical
+worker ``w`` serves stream ``(w + j) mod workers``, so the DataLoader's round-robin hands out
+batches j, j+1, ... in order, and each stream skips its first batches by checking (not decoding
+in full, not augmenting) the samples they would hold. Hence ``start_batch = j`` yields exactly
+the tensors an uninterrupted stream yields from batch ``j`` on.
+
+Skip counts go to a ``SkipCounter`` in shared memory that every loader worker adds to. A sample
+counts as usable when its label parses and ``check_image`` passes, in the skipped batches too,
+so a resumed stream drops the same samples as the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.data.decode import CorruptImage, check_image, decode_rgb, image_bytes
+from pipeline.data.shardio import SkipCounter, iter_shard
+from pipeline.data.transforms import normalize_batch
+from pipeline.seeds import sample_seed
+
+# Distinct streams of randomness derived from the same user seed.
+_SHARD_ORDER, _SHUFFLE, _AUGMENT = 0x5A4D, 0x5B5F, 0x5C6E
+BLANK_RGB = (124, 116, 104)  # ImageNet mean colour: normalises to ~0
+
+
+def shard_sequence(
+    num_shards: int, seed: int, epoch: int, stream: int, num_streams: int
+) -> Iterator[int]:
+    """Endless shard indices of ``stream``: every ``num_streams``-th entry of seeded passes."""
+    position, cached_pass, order = stream, -1, None
+    while True:
+        shard_pass, offset = divmod(position, num_shards)
+        if shard_pass != cached_pass:
+            rng = np.random.default_rng([seed, epoch, shard_pass, _SHARD_ORDER])
+            order, cached_pass = rng.permutation(num_shards), shard_pass
+        yield int(order[offset])
+        position += num_streams
+
+
+def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """``items`` through a shuffle buffer of ``size`` (0 or 1: unchanged)."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(size))
+        buffer[slot], item = item, buffer[slot]
+        yield item
+    for slot in rng.permutation(len(buffer)):
+        yield buffer[slot]
+
+
+def _shared_float_like(images: torch.Tensor) -> torch.Tensor:
+    """An uninitialised float32 tensor of ``images``' shape in shared memory."""
+    template = torch.empty(0, dtype=torch.float32)
+    try:
+        # What default_collate does in a worker: allocate the batch in shared memory at once,
+        # so that sending it to the main process moves no bytes.
+        storage = template._typed_storage()._new_shared(images.numel(), device="cpu")
+        return template.new(storage).view(images.shape)
+    except AttributeError:  # pragma: no cover - private API gone in a later torch
+        return torch.empty(images.shape, dtype=torch.float32).share_memory_()
+
+
+def _seeded(transform: Callable, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform(image)`` with torch's global CPU generator seeded, then restored."""
+    # torchvision's transforms draw from the global generator; restoring it keeps the trainer's
+    # stream untouched when num_workers=0. Not torch.manual_seed: it also queues a lazy CUDA
+    # seeding call with a formatted stack on every call (slow, and the queue grows).
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+    finally:
+        torch.set_rng_state(state)
+
+
+def _batch(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 images and normalise them once for the whole batch."""
+    stacked = torch.stack(images)
+    out = _shared_float_like(stacked) if get_worker_info() is not None else None
+    return normalize_batch(stacked, out=out), torch.tensor(labels, dtype=torch.int64)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+@dataclass(frozen=True)
+class Shards:
+    """One split's shards, how to read them, and the skip counter every loader worker adds to."""
+
+    urls: tuple[str, ...]
+    lengths: tuple[int, ...]
+    num_classes: int
+    storage_options: dict | None = None
+    allow_pipe: bool = False
+    counter: SkipCounter = field(default_factory=SkipCounter)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split, as ``_info.json`` records them."""
+        return sum(self.lengths)
+
+    def read(self, url: str) -> Iterator[dict]:
+        """The samples of the shard at ``url``, in order."""
+        return iter_shard(url, self.counter, self.storage_options, self.allow_pipe)
+
+    def labelled(self, samples: Iterator[dict]) -> Iterator[tuple[bytes, int]]:
+        """(image bytes, label) of the samples that have both; the others are counted."""
+        for sample in samples:
+            data = image_bytes(sample)
+            if data is None:
+                self.counter.add("missing_image")
+                continue
+            try:
+                label = int(sample["cls"].decode().strip())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                label = -1
+            if not 0 <= label < self.num_classes:
+                self.counter.add("missing_label")
+                continue
+            yield data, label
+
+    def decode(self, data: bytes) -> torch.Tensor | None:
+        """RGB uint8 tensor of an image that passes ``check_image``; None (counted) if it fails."""
+        try:
+            check_image(data)
+        except CorruptImage:
+            self.counter.add("corrupt_image")
+            return None
+        try:
+            return decode_rgb(data)
+        except CorruptImage:
+            # Passed the check, failed the decode (rare: broken scan data). Dropping it would
+            # shift every later batch of a resumed stream, so it is kept as a blank image.
+            self.counter.add("blank_substitute")
+            blank = torch.tensor(BLANK_RGB, dtype=torch.uint8).view(3, 1, 1)
+            return blank.expand(3, 8, 8).clone()
+
+
+class TrainStream(IterableDataset):
+    """The rank's training batches for one epoch (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards: Shards,
+        *,
+        batch_size: int,
+        batches_per_epoch: int,
+        start_batch: int,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        shuffle_buffer: int,
+    ) -> None:
+        self.shards = shards
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.start_batch = start_batch
+        self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.transform, self.shuffle_buffer = transform, shuffle_buffer
+
+    def _raw_samples(self, order: Iterator[int], patience: int) -> Iterator[dict]:
+        """The samples of the shards in order; an error after ``patience`` empty shards in a row."""
+        empty = 0
+        for shard in order:
+            found = False
+            for sample in self.shards.read(self.shards.urls[shard]):
+                found = True
+                yield sample
+            empty = 0 if found else empty + 1
+            if empty > patience:
+                raise RuntimeError(
+                    f"{self.shards.urls[shard]}: no shard of the split holds a sample"
+                )
+
+    def _samples(self, stream: int, num_workers: int) -> Iterator[tuple[bytes, int]]:
+        index, count = self.rank * num_workers + stream, len(self.shards.urls)
+        order = shard_sequence(count, self.seed, self.epoch, index, self.world_size * num_workers)
+        raw = self._raw_samples(order, 2 * count + self.world_size * num_workers)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, stream, _SHUFFLE])
+        return shuffled(self.shards.labelled(raw), self.shuffle_buffer, rng)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, num_workers = _worker()
+        stream = (worker + self.start_batch) % num_workers
+        first = self.start_batch + worker  # the first global batch index this worker serves
+        remaining = max(0, -(-(self.batches_per_epoch - first) // num_workers))
+        to_skip = ((first - stream) // num_workers) * self.batch_size  # usable samples
+        images, labels, produced = [], [], 0
+        if remaining == 0:
+            return
+        counter = self.shards.counter
+        patience, last_usable = 2 * self.shards.num_samples + self.shuffle_buffer + 100, 0
+        for position, (data, label) in enumerate(self._samples(stream, num_workers)):
+            if position - last_usable > patience:
+                raise RuntimeError(
+                    f"{self.shards.urls[0]} (and the other shards of the split): no usable "
+                    f"sample in the last {patience} read ({counter.by_reason()})"
+                )
+            if to_skip:
+                try:
+                    check_image(data)
+                    to_skip, last_usable = to_skip - 1, position
+                except CorruptImage:
+                    counter.add("corrupt_image")
+                continue
+            image = self.shards.decode(data)
+            if image is None:
+                continue
+            last_usable = position
+            seed = sample_seed(_AUGMENT, self.seed, self.epoch, self.rank, stream, position)
+            images.append(_seeded(self.transform, image, seed))
+            labels.append(label)
+            if len(images) == self.batch_size:
+                yield _batch(images, labels)
+                images, labels, produced = [], [], produced + 1
+                if produced == remaining:
+                    return
+
+
+class EvalStream(IterableDataset):
+    """Every sample of the split once across ranks x workers: contiguous, balanced ranges."""
+
+    def __init__(
+        self,
+        shards: Shards,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.rank, self.world_size = rank, world_size
+
+    def sample_range(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """[start, stop) of the split's sample indices that ``worker`` of this rank reads."""
+        total = self.shards.num_samples
+        low, high = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+        span = high - low
+        return low + span * worker // num_workers, low + span * (worker + 1) // num_workers
+
+    def _samples(self, start: int, stop: int) -> Iterator[dict]:
+        offset = 0
+        for url, length in zip(self.shards.urls, self.shards.lengths, strict=True):
+            if offset < stop and offset + length > start:
+                for position, sample in enumerate(self.shards.read(url)):
+                    # Samples beyond the recorded length belong to no range: ignored.
+                    if position < length and start <= offset + position < stop:
+                        yield sample
+            offset += length
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, stop = self.sample_range(*_worker())
+        images, labels = [], []
+        for data, label in self.shards.labelled(self._samples(start, stop)):
+            image = self.shards.decode(data)
+            if image is None:
+                continue
+            images.append(self.transform(image))
+            labels.append(label)
+            if len(images) == self.batch_size:
+                yield _batch(images, labels)
+                images, labels = [], []
+        if images:
+            yield _batch(images, labels)

@@ -1,0 +1,60 @@
+"""Top-1/top-5 on the validation split, for the raw and the EMA weights, summed over workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _totals(
+    model: torch.nn.Module, batches: Batches, device: torch.device, bf16: bool, limit: int | None
+) -> torch.Tensor:
+    """(top-1 hits, top-5 hits, samples) of ``model`` over at most ``limit`` batches."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for index, (images, labels) in enumerate(batches):
+        if limit is not None and index >= limit:
+            break
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, torch.bfloat16, bf16):
+            logits = model(images).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals += torch.tensor(
+            [
+                (top5[:, 0] == labels).sum().item(),
+                (top5 == labels[:, None]).any(1).sum().item(),
+                labels.numel(),
+            ],
+            dtype=torch.float64,
+        )
+    return totals
+
+
+@torch.no_grad()
+def evaluate(
+    models: dict[str, torch.nn.Module],
+    eval_batches: Callable[[], Batches],
+    *,
+    device: torch.device,
+    bf16: bool,
+    limit: int | None,
+) -> dict[str, float]:
+    """``val/top1{suffix}`` and ``val/top5{suffix}`` of each model, over every worker's share.
+
+    ``models`` maps a metric suffix to a model; each is evaluated in eval mode on a fresh pass
+    of ``eval_batches()`` and left in training mode. Every worker must call this (all-reduce).
+    """
+    results = {}
+    for suffix, model in models.items():
+        model.eval()
+        totals = _totals(model, eval_batches(), device, bf16, limit)
+        model.train()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        count = max(totals[2].item(), 1.0)
+        results[f"val/top1{suffix}"] = totals[0].item() / count
+        results[f"val/top5{suffix}"] = totals[1].item() / count
+    return results

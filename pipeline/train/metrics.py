@@ -1,0 +1,82 @@
+"""What a run reports: sums between two log lines, the console lines, rank 0's MLflow logger."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.config import RunConfig
+
+
+@dataclass
+class StepStats:
+    """Running sums between two log lines (kept as tensors/floats, no per-step sync)."""
+
+    loss: list[torch.Tensor] = field(default_factory=list)
+    correct: list[torch.Tensor] = field(default_factory=list)
+    clip_fraction: list[torch.Tensor] = field(default_factory=list)
+    grad_norm: list[torch.Tensor] = field(default_factory=list)
+    samples: int = 0
+    step_time: float = 0.0
+    data_time: float = 0.0
+    allreduce_time: float = 0.0
+
+    def summary(self, workers: int) -> dict[str, float]:
+        """Averages since the last log line, as MLflow metrics."""
+        mean = lambda values: (  # noqa: E731 (nan when every step was skipped)
+            torch.stack(values).float().mean().item() if values else math.nan
+        )
+        images_per_s = self.samples * workers / max(self.step_time, 1e-9)
+        metrics = {
+            "train/loss": mean(self.loss),
+            "train/top1": float(sum(self.correct)) / self.samples if self.samples else math.nan,
+            "train/images_per_s": images_per_s,
+            "train/images_per_s_per_worker": images_per_s / workers,
+            "train/data_wait_fraction": self.data_time / max(self.step_time, 1e-9),
+        }
+        if self.allreduce_time:
+            metrics["train/allreduce_fraction"] = self.allreduce_time / max(self.step_time, 1e-9)
+        if self.clip_fraction:
+            metrics["train/agc_clip_fraction"] = mean(self.clip_fraction)
+            metrics["train/grad_norm"] = mean(self.grad_norm)
+        return metrics
+
+
+def duration(seconds: float) -> str:
+    """``1h05m`` from an hour on, ``4m07s`` below."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_line(step: int, total_steps: int, metrics: dict[str, float], eta: float) -> str:
+    """The console line of a log step: position, loss, top-1, throughput, time left."""
+    return (
+        f"step {step}/{total_steps}  loss {metrics['train/loss']:.4f}  "
+        f"top1 {metrics['train/top1']:.3f}  {metrics['train/images_per_s']:.1f} img/s  "
+        f"ETA {duration(eta)}"
+    )
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """The console line of an evaluation."""
+    shown = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+    return f"eval @ step {step}: {shown}"
+
+
+def open_run_logger(config: RunConfig, run_id: str | None, rank: int):
+    """Rank 0's MLflow logger (None elsewhere); it skips the steps the run has logged already.
+
+    After a restart, the steps between the checkpoint and the failure are in MLflow already (all
+    of them when a killed driver left no checkpoint that Ray Train had registered).
+    """
+    if rank != 0 or run_id is None:
+        return None
+    # deferred: mlflow takes seconds to import, and only rank 0 logs
+    from pipeline.tracking import RunLogger, last_logged_steps
+
+    uri = config.tracking.uri
+    return RunLogger(uri, run_id, resume_from_step=last_logged_steps(uri, run_id))

@@ -1,0 +1,49 @@
+"""What Ray Train runs on every worker: set up the process, then one Trainer over the plan."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from pipeline import logs
+from pipeline.config import RunConfig
+from pipeline.train.plan import Plan
+from pipeline.train.trainer import Trainer
+
+
+def use_this_environments_build_tools() -> None:
+    """Build DeepSpeed's JIT ops with this environment's tools, into this environment's cache.
+
+    On CPU, DeepSpeed compiles its shared-memory comm op on first use (25-35 s), with the
+    ``ninja`` first on ``PATH``, into torch's extension cache. A ninja of another version than
+    the one installed with DeepSpeed rejects the other's build log and rebuilds everything, so
+    the worker must find the same ninja and the same cache whatever environment started the
+    Ray cluster: this interpreter's own ``bin`` goes first on ``PATH``, and the cache lives in
+    its environment (``TORCH_EXTENSIONS_DIR`` still overrides).
+    """
+    own_bin = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not path.startswith(own_bin + os.pathsep):
+        os.environ["PATH"] = own_bin + os.pathsep + path
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The function Ray Train runs on every worker.
+
+    ``loop_config`` holds the run config and the plan as plain dicts, the MLflow run id, the
+    run's checkpoint folder URL and the finetuning origin (``init``, or None). Progress lines
+    go to stdout, which Ray forwards to the driver's console.
+    """
+    logs.configure()
+    if not loop_config["config"]["scaling"]["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_this_environments_build_tools()
+    config = RunConfig.model_validate(loop_config["config"])
+    plan = Plan(**loop_config["plan"])
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    Trainer(
+        config, plan, loop_config["run_id"], loop_config["run_url"], loop_config["init"]
+    ).train()
