@@ -118,7 +118,7 @@ class CpuSampler:
     def by_process(self, start: float, end: float) -> dict[int, tuple[str, float]]:
         """``{pid: (role, CPU seconds)}`` used between wall times ``start`` and ``end`` (epoch
         seconds)."""
-        # A process first seen inside the window, though the sampler had looked before it, was
+        # A process first seen inside the window, when the sampler also looked before it, is
         # born after that look: its CPU counts from 0. (Its create_time cannot tell: psutil
         # derives it from the boot time in whole seconds, up to 1 s early.)
         looked_before = any(moment < start for moment, _ in self.steal)  # one entry per look
