@@ -67,6 +67,14 @@ class DataSection(Section):
     shuffle_buffer: int = Field(1000, ge=0)
     loader_workers: int = Field(2, ge=0)
     train_samples: int | None = Field(None, gt=0, description="epoch size; None: from _info.json")
+    augment_before_mix: bool = Field(
+        False,
+        description="DM experiment_nfnets.py default False: mix pairs of images first, then "
+        "RandAugment the mixed image (each output decodes two); true: augment, then mix",
+    )
+    prefetch_shards: int = Field(
+        1, ge=0, description="shards each stream fetches ahead while it decodes the current one"
+    )
     allow_pipe: bool = Field(False, description="allow pipe: URLs (runs a shell command)")
 
 
@@ -107,6 +115,12 @@ class TrainSection(Section):
         False, description="time the gradient all-reduce (metric train/allreduce_fraction)"
     )
     eval_every: int = Field(1000, gt=0)
+    eval_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="DM experiment_nfnets.py: evaluation in fp32 (bf16 only in training)"
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the model; None: on for GPU, off for CPU"
+    )
     eval_batches: int | None = Field(None, gt=0, description="None: the whole validation split")
     nonfinite: Literal["skip", "stop"] = Field(
         "skip",
@@ -147,6 +161,9 @@ class ScalingSection(Section):
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="the device's peak for train/mfu; None: table by name or probe"
+    )
 
 
 class RunConfig(Section):
