@@ -1,7 +1,9 @@
 """``python -m pipeline.demo`` (what ``make demo`` runs): the whole mission on one laptop.
 
 1. ``shapes`` shards for pretraining and ``digits`` shards for finetuning, on the local disk;
-2. a Ray head on 127.0.0.1;
+2. a Ray head on 127.0.0.1 with token authentication: the token is where Ray looks for it
+   (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, generated there on
+   first use); ``RAY_AUTH_MODE=disabled`` turns it off;
 3. the pretraining run submitted as a Ray job (``configs/demo.yaml``);
 4. the scheduler finetuning every checkpoint milestone on the tasks in ``jobs/finetune``, and a
    scratch baseline job;

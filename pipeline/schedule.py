@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     )
     parser.add_argument(
-        "--ray-address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the job server; its token from RAY_AUTH_TOKEN or ~/.ray/auth_token",
     )
     cli.add_verbosity(parser)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from pipeline.tracking import (
     check_tracking_uri,
 )
 
-MAIN_METRICS = ("train/loss", "val/top1", "val/top1_ema", "train/images_per_s")
+MAIN_METRICS = ("train/loss", "val/top1", "val/top1_ema", "train/images_per_s", "train/mfu")
 LOWER_IS_BETTER = {"train/loss"}
 DOWNSTREAM_METRIC = "val/top1"
 

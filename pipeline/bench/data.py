@@ -1,13 +1,19 @@
 """``python -m pipeline.bench data``: training images/s per loader worker, shards vs ImageFolder.
 
-Both sides decode the same 256 px JPEGs and apply the same F0 training recipe (Inception crop,
-flip, bicubic resize to 192, RandAugment 4 x 5, ImageNet normalisation) in the same run:
-- peer: torchvision ``ImageFolder`` + ``DataLoader`` with the transforms on PIL images, the
-  way torchvision's reference scripts do it;
-- ours: ``make_train_loader`` over webdataset shards of the same bytes.
-Rounds alternate between the two so that load from other processes hits both alike; the
-figure is the median over rounds of images/s after the first batch, divided by the workers.
-Goal: ours >= 1.2x the peer.
+Both sides decode the same 256 px JPEGs and apply the F0 training recipe (Inception crop, flip,
+bicubic resize to 192, RandAugment 4 x 5, ImageNet normalisation) in the same run:
+- peer: torchvision ``ImageFolder`` + ``DataLoader`` with the transforms on PIL images and
+  torchvision's RandAugment, the way torchvision's reference scripts do it;
+- ours: ``make_train_loader`` over webdataset shards of the same bytes, with DM's RandAugment
+  (``pipeline.data.randaugment``), one image per output as the peer.
+Goal: ours >= 1.2x the peer in images per CPU-second.
+
+It also measures what DM's mixing order costs: ours with MixUp/CutMix in DM's order
+(``data.augment_before_mix=false``: each output decodes and crops two images, mixes them, then
+runs RandAugment once) against ``augment_before_mix=true`` (one image per output, augmented, then
+mixed with its neighbour in the batch). Rounds alternate between the four loaders so that load
+from other processes hits all alike; each figure is the median over rounds of images/s after the
+first batch, divided by the workers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pipeline.data.sources import shapes
 from pipeline.data.transforms import BICUBIC, CROP_AREA, CROP_ASPECT, IMAGENET_MEAN, IMAGENET_STD
 
 GOAL = 1.2
+_LOADERS = ("torchvision", "shards", "dm_order", "augment_before_mix")
 
 
 def _peer_loader(root: Path, args: argparse.Namespace) -> DataLoader:
@@ -42,7 +49,7 @@ def _peer_loader(root: Path, args: argparse.Namespace) -> DataLoader:
                 antialias=True,
             ),
             v2.RandomHorizontalFlip(),
-            # The same ops and magnitudes as LevelRandAugment(4, 5) (see its docstring).
+            # torchvision's RandAugment at DM's level scale: magnitude 5 of bins 0..10.
             v2.RandAugment(
                 num_ops=args.ra_layers, magnitude=args.ra_magnitude, num_magnitude_bins=11
             ),
@@ -57,7 +64,7 @@ def _peer_loader(root: Path, args: argparse.Namespace) -> DataLoader:
     )
 
 
-def _our_loader(url: str, args: argparse.Namespace, epoch: int):
+def _our_loader(url: str, args: argparse.Namespace, epoch: int, **mixing):
     return make_train_loader(
         url,
         batch_size=args.batch_size,
@@ -71,6 +78,7 @@ def _our_loader(url: str, args: argparse.Namespace, epoch: int):
         randaugment_layers=args.ra_layers,
         randaugment_magnitude=args.ra_magnitude,
         shuffle_buffer=256,
+        **mixing,
     )
 
 
@@ -131,33 +139,60 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     if args.images < args.batches * args.batch_size:
         parser.error("--images must be at least --batches x --batch-size (one pass of the peer)")
-    peer, ours = [], []
+    # DM experiment_nfnets.py: cutmix_mixup_randaugment, MixUp alpha 0.2 (DM dataset.py).
+    mixing = {"mixup_alpha": 0.2, "cutmix": True}
+    ours = {
+        "shards": {},
+        "dm_order": mixing,
+        "augment_before_mix": mixing | {"augment_before_mix": True},
+    }
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in _LOADERS}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         url, folder = _prepare(Path(tmp), args)
         for round_index in range(args.rounds):
-            peer.append(_measure(_peer_loader(folder, args), args.batches))
-            ours.append(_measure(_our_loader(url, args, round_index), args.batches))
+            for name in _LOADERS:
+                if name == "torchvision":
+                    loader = _peer_loader(folder, args)
+                else:
+                    loader = _our_loader(url, args, round_index, **ours[name])
+                measured[name].append(_measure(loader, args.batches))
     workers = max(1, args.workers)
-    figures = {}
+    figures: dict = {}
     # Images per CPU second is already the rate of one fully busy worker; wall rates are split.
     for key, index, divisor in (("wall", 0, workers), ("cpu", 1, 1)):
-        peer_rate = statistics.median(p[index] for p in peer) / divisor
-        our_rate = statistics.median(o[index] for o in ours) / divisor
-        figures[f"torchvision_images_per_{key}_s_per_worker"] = peer_rate
-        figures[f"shards_images_per_{key}_s_per_worker"] = our_rate
-        figures[f"speedup_{key}"] = our_rate / peer_rate
+        for name, rounds in measured.items():
+            figures[_rate(name, key)] = statistics.median(r[index] for r in rounds) / divisor
+        figures[f"speedup_{key}"] = (
+            figures[_rate("shards", key)] / figures[_rate("torchvision", key)]
+        )
+        cost = figures[_rate("augment_before_mix", key)] / figures[_rate("dm_order", key)]
+        figures[f"dm_order_cost_{key}"] = cost
     figures["goal"] = GOAL
     figures["goal_met"] = figures["speedup_cpu"] >= GOAL
+    _report(figures, args)
+    return figures
+
+
+def _rate(loader: str, key: str) -> str:
+    """The figure name of ``loader``'s images per ``key`` ("cpu" or "wall") second per worker."""
+    return f"{loader}_images_per_{key}_s_per_worker"
+
+
+def _report(figures: dict, args: argparse.Namespace) -> None:
     print(
         f"256 px JPEG -> {args.resolution} px, RandAugment {args.ra_layers}x{args.ra_magnitude}, "
         f"batch {args.batch_size}, {args.workers} worker(s), median of {args.rounds} rounds"
     )
     for key, label in (("cpu", "per CPU second"), ("wall", "per wall second/worker")):
+        rate = {name: figures[_rate(name, key)] for name in _LOADERS}
         print(
-            f"  images {label}: torchvision ImageFolder+DataLoader "
-            f"{figures[f'torchvision_images_per_{key}_s_per_worker']:6.1f}, pipeline.data shards "
-            f"{figures[f'shards_images_per_{key}_s_per_worker']:6.1f}, "
-            f"speedup {figures[f'speedup_{key}']:.2f}x"
+            f"  images {label}: torchvision ImageFolder+DataLoader (torchvision RandAugment) "
+            f"{rate['torchvision']:6.1f}, pipeline.data shards (DM RandAugment) "
+            f"{rate['shards']:6.1f}, speedup {figures[f'speedup_{key}']:.2f}x"
+        )
+        print(
+            f"  mixed images {label}: augment_before_mix=true {rate['augment_before_mix']:6.1f}, "
+            f"DM's order (false, two decodes per output) {rate['dm_order']:6.1f}: DM's order "
+            f"takes {figures[f'dm_order_cost_{key}']:.2f}x the time per image"
         )
     print(f"  goal: >= {GOAL}x per worker (CPU time): {'met' if figures['goal_met'] else 'MISSED'}")
-    return figures

@@ -1,72 +1,316 @@
-"""``python -m pipeline.bench gpu``: NFNet-F0 training images/s on one GPU against timm, and MFU.
+"""``python -m pipeline.bench gpu``: the pipeline's training step against timm's, on one GPU.
 
-bf16 autocast, channels_last, the paper's 192 px training resolution, the same batch for both
-models (``--batch``, default 128). Model FLOP utilisation = 3 × forward multiply-adds × 2 FLOPs
-× images/s ÷ the card's dense bf16 peak (forward + backward ≈ 3 forwards). Needs a CUDA GPU:
-without one it says so and exits 2 (nothing is guessed).
+One table, every row the same batch and resolution in the same process:
+
+- ``pipeline``: the pipeline's own ``Trainer`` step (the DeepSpeed engine, SGD_AGC, the EMA,
+  the mixed and smoothed targets of MixUp/CutMix, whose images the loader mixes, the lr
+  schedule and the NaN/Inf count), built from a run config as a Ray Train worker builds it
+  (``train.compile``, ``train.channels_last``);
+- ``timm``: timm's ``dm_nfnet_f0`` trained as timm's ``train.py`` trains it: Nesterov SGD, timm's
+  ``adaptive_clip_grad`` on every parameter but the classifier, timm's Mixup/CutMix with label
+  smoothing and ``SoftTargetCrossEntropy``, ``ModelEmaV3``, ``torch.compile(model)`` when compiled.
+
+Each eager and compiled, NCHW and NHWC, bf16 autocast (fp32 on the CPU). DM's recipe for both:
+192 px (DM base.py: F0 trains at 192), λ = 0.01, the variant's dropout and stochastic depth.
+Both are fed one batch resident on the device, so the rows time the step, not the data path
+(timm mixes its images in the step, the pipeline in its loader). Per row: images/s after the
+warm-up steps (which pay for compilation), the ratio to timm's row of the same mode and layout,
+MFU (``pipeline.train.mfu``: 6 × the forward's multiply-adds × images/s ÷ the device's peak)
+and the peak memory the step allocated.
+
+``--smoke``: the same code at tiny sizes on the CPU in seconds (our ``nfnet_nano`` against timm's
+NFNet class built with DM's F0 configuration shrunk to nano's stages, 32 px, fp32, compiled with
+Dynamo's ``eager`` backend: the tracing without Inductor's C++ builds); the test suite runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import itertools
+import logging
+import math
+import os
+import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), by device-name fragment.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map
+
+from pipeline.config import RunConfig, load_config
+from pipeline.models import get_variant
+from pipeline.train.batches import describe_dataset
+from pipeline.train.mfu import Peak, device_peak, train_flops_per_image
+from pipeline.train.plan import make_plan
+from pipeline.train.trainer import Trainer
+from pipeline.train.worker import use_this_environments_build_tools
+
+log = logging.getLogger(__name__)
+
+CLIPPING = 0.01  # DM experiment_nfnets.py: λ = 0.01
+LAYOUTS = {"NCHW": False, "NHWC": True}
+MODES = {"eager": False, "compiled": True}
 
 
-def images_per_second(model, batch: int, resolution: int, steps: int) -> float:
-    """Forward + backward + SGD step of ``model`` on random data; images/s after warm-up."""
-    import torch
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What one run of the suite measures."""
 
-    images = torch.randn(batch, 3, resolution, resolution, device="cuda")
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (batch,), device="cuda")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for index in range(steps + 3):
-        if index == 3:  # the first steps pay for cuDNN autotuning and allocation
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+    device: torch.device
+    model: str
+    batch: int
+    resolution: int
+    classes: int
+    warmup: int
+    steps: int
+    backend: str  # torch.compile's backend
+    precision: str
+
+
+class LocalTrainer(Trainer):
+    """The pipeline's Trainer in this process, outside Ray Train: it starts at step 0."""
+
+    def restore(self) -> int:
+        return 0
+
+
+@contextmanager
+def single_process_group(device: torch.device) -> Iterator[None]:
+    """A torch.distributed group of this process alone (rank 0 of 1), as DeepSpeed needs one.
+
+    The group is created once and kept for the process's life: DeepSpeed caches the first group
+    it sees (``deepspeed.utils.groups``), so a second group would meet a stale one. The
+    launcher's variables DeepSpeed reads (``LOCAL_RANK``, ...) are set while the block runs.
+    """
+    group_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    if not dist.is_initialized():
+        with socket.socket() as probe:  # a free port for the group's store
+            probe.bind(("127.0.0.1", 0))
+            group_env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(probe.getsockname()[1])}
+    saved = {key: os.environ.get(key) for key in group_env}
+    os.environ.update(group_env)
+    try:
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            use_this_environments_build_tools()
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=0, world_size=1)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def local_trainer(config: RunConfig, run_id: str | None = None) -> LocalTrainer:
+    """The Trainer a Ray Train worker would build from ``config`` (inside single_process_group);
+    with ``run_id``, rank 0's MLflow logging goes to that run."""
+    shape = describe_dataset(config.data.train_url)
+    plan = make_plan(config, shape.num_classes, shape.train_samples, shape.val_samples)
+    return LocalTrainer(config, plan, run_id=run_id)
+
+
+def _seconds_per_step(step: Callable[[], None], setting: Setting) -> float:
+    synchronize = torch.cuda.synchronize if setting.device.type == "cuda" else lambda: None
+    for _ in range(setting.warmup):  # compilation, cuDNN autotuning, the allocator's pools
+        step()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(setting.steps):
+        step()
+    synchronize()
+    return (time.perf_counter() - started) / setting.steps
+
+
+def pipeline_row(setting: Setting, compiled: bool, channels_last: bool) -> tuple[float, float]:
+    """Seconds per step of the pipeline's Trainer, and its training FLOPs per image."""
+    size = setting.resolution
+    url = f"synthetic://?samples={setting.batch}&classes={setting.classes}&resolution={size}"
+    inductor = compiled and setting.backend == "inductor"
+    config = load_config(
+        None,
+        [
+            f"model.name={setting.model}",
+            f"data.train_url={url}",
+            f"data.train_resolution={size}",
+            f"data.test_resolution={size}",
+            f"train.global_batch={setting.batch}",
+            f"train.micro_batch={setting.batch}",
+            f"train.steps={setting.warmup + setting.steps}",
+            f"train.precision={setting.precision}",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"train.compile={str(inductor).lower()}",  # the Trainer's own path on a GPU
+            f"optim.clipping={CLIPPING}",
+            f"scaling.use_gpu={str(setting.device.type == 'cuda').lower()}",
+        ],
+    )
+    trainer = local_trainer(config)
+    if compiled and not inductor:
+        trainer.model.compile(backend=setting.backend)
+    # The first step's micro-batches, as the Trainer's source makes them, moved once.
+    first = next(trainer.batches.steps(0))
+    batch = tree_map(lambda item: item.to(setting.device), first)
+    batches: Iterator = itertools.repeat(batch)
+    seconds = _seconds_per_step(lambda: trainer.run_step(batches), setting)
+    return seconds, train_flops_per_image(trainer.model, size)
+
+
+def timm_model(setting: Setting) -> torch.nn.Module:
+    """timm's dm_nfnet_f0 (or, for ``--smoke``, its NFNet class with nano-sized stages)."""
+    import timm
+    from timm.models.nfnet import NormFreeNet, model_cfgs
+
+    variant = get_variant(setting.model)  # the same dropout and stochastic depth as ours
+    rates = {"drop_rate": variant.drop_rate, "drop_path_rate": variant.stochdepth_rate}
+    if setting.model == "nfnet_f0":
+        return timm.create_model("dm_nfnet_f0", num_classes=setting.classes, **rates)
+    shrunk = dataclasses.replace(
+        model_cfgs["dm_nfnet_f0"],
+        depths=(1, 1, 1, 1),
+        channels=(32, 64, 64, 64),
+        stem_chs=16,
+        group_size=16,
+        num_features=128,
+    )
+    return NormFreeNet(shrunk, num_classes=setting.classes, **rates)
+
+
+def timm_row(setting: Setting, compiled: bool, channels_last: bool) -> tuple[float, float]:
+    """Seconds per step of timm's training step (as its train.py runs it), its FLOPs per image."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.models import model_parameters
+    from timm.utils import ModelEmaV3, adaptive_clip_grad
+
+    device, size = setting.device, setting.resolution
+    torch.manual_seed(0)
+    model = timm_model(setting).to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    flops = train_flops_per_image(model, size)
+    ema = ModelEmaV3(model, decay=0.99999)  # DM experiment_nfnets.py: EMA decay 0.99999
+    clipped = model_parameters(model, exclude_head=True)  # timm train.py: AGC spares the head
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5
+    )
+    mixup = Mixup(
+        mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=setting.classes
+    )
+    criterion = SoftTargetCrossEntropy()
+    forward = torch.compile(model, backend=setting.backend) if compiled else model
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(setting.batch, 3, size, size, generator=generator)
+    images = images.to(device).contiguous(memory_format=layout)
+    labels = torch.randint(0, setting.classes, (setting.batch,), generator=generator).to(device)
+    bf16 = setting.precision == "bf16"
+
+    def step() -> None:
+        mixed, targets = mixup(images, labels)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = criterion(forward(mixed), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        adaptive_clip_grad(clipped, CLIPPING)
         optimizer.step()
-    torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - started)
+        ema.update(model)
+
+    return _seconds_per_step(step, setting), flops
+
+
+def measure(setting: Setting, peak: Peak) -> list[dict[str, float | str]]:
+    """Every row of the table, pipeline then timm, for each mode and layout."""
+    rows = []
+    for mode, layout in itertools.product(MODES, LAYOUTS):
+        timm_rate = math.nan
+        for side, run_row in (("timm", timm_row), ("pipeline", pipeline_row)):
+            if setting.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            torch._dynamo.reset()  # each compiled row compiles its own model
+            seconds, flops = run_row(setting, MODES[mode], LAYOUTS[layout])
+            rate = setting.batch / seconds
+            timm_rate = rate if side == "timm" else timm_rate
+            memory = math.nan
+            if setting.device.type == "cuda":
+                memory = torch.cuda.max_memory_allocated() / 2**30
+            mfu = rate * flops / 1e12 / peak.tflops if peak.tflops else math.nan
+            rows.append(
+                {
+                    "row": f"{side} {mode} {layout}",
+                    "images_per_s": rate,
+                    "vs_timm": rate / timm_rate,
+                    "mfu": mfu,
+                    "peak_memory_gib": memory,
+                }
+            )
+            gc.collect()  # the row's engine, model and optimizer state before the next row
+            if setting.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict[str, float | str]]) -> str:
+    """The rows as one text table."""
+    lines = [f"  {'row':26s} {'images/s':>10s} {'vs timm':>8s} {'MFU':>7s} {'peak GiB':>9s}"]
+    for row in rows:
+        memory = "-" if math.isnan(row["peak_memory_gib"]) else f"{row['peak_memory_gib']:.2f}"
+        mfu = "-" if math.isnan(row["mfu"]) else f"{100 * row['mfu']:.2f} %"
+        lines.append(
+            f"  {row['row']:26s} {row['images_per_s']:10.2f} {row['vs_timm']:8.3f} "
+            f"{mfu:>7s} {memory:>9s}"
+        )
+    return "\n".join(lines)
+
+
+def _setting(args: argparse.Namespace) -> Setting:
+    if args.smoke:
+        return Setting(torch.device("cpu"), "nfnet_nano", 4, 32, 10, 1, 2, "eager", "fp32")
+    if not torch.cuda.is_available():
+        print("bench gpu: no CUDA GPU on this machine (--smoke runs on the CPU)", file=sys.stderr)
+        raise SystemExit(2)
+    return Setting(
+        torch.device("cuda", 0),
+        "nfnet_f0",
+        args.batch,
+        args.resolution,
+        1000,  # ImageNet's classes
+        args.warmup,
+        args.steps,
+        "inductor",
+        "bf16",
+    )
 
 
 def main(argv: list[str]) -> dict:
-    """Measure ours and timm's dm_nfnet_f0 in one run; print images/s, the ratio and MFU."""
-    import torch
-
+    """Measure every row, print the table and return its figures."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench gpu")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=128, help="per step, both sides")
+    parser.add_argument("--resolution", type=int, default=192, help="DM base.py: F0 trains at 192")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compile here)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: table)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, in seconds")
     args, _ = parser.parse_known_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU on this machine: the gpu suite measures nothing here", file=sys.stderr)
-        raise SystemExit(2)
-    import timm
-
-    # deferred: torch and timm load only once a GPU is known to be there
-    from pipeline.models import count_flops, create_model
-
-    torch.backends.cudnn.benchmark = True
-    resolution = 192  # DM base.py: F0 trains at 192 px
-    ours = create_model("nfnet_f0").cuda().to(memory_format=torch.channels_last)
-    theirs = timm.create_model("dm_nfnet_f0", pretrained=False).cuda()
-    theirs = theirs.to(memory_format=torch.channels_last)
-    ours_rate = images_per_second(ours, args.batch, resolution, args.steps)
-    timm_rate = images_per_second(theirs, args.batch, resolution, args.steps)
-    name = torch.cuda.get_device_name()
-    peak = next((flops for key, flops in PEAK_BF16.items() if key in name), None)
-    train_flops = 3 * 2 * count_flops("nfnet_f0", resolution)
-    mfu = ours_rate * train_flops / peak if peak else float("nan")
-    print(f"{name}: batch {args.batch}, {resolution} px, bf16, channels_last")
+    setting = _setting(args)
+    if setting.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.set_device(setting.device)
+    peak = device_peak(setting.device, setting.precision, args.peak_tflops)
+    with single_process_group(setting.device):
+        rows = measure(setting, peak)
+    name = torch.cuda.get_device_name() if setting.device.type == "cuda" else "CPU"
+    peak_text = "unknown" if peak.tflops is None else f"{peak.tflops:.4g} TFLOP/s"
     print(
-        f"ours {ours_rate:.1f} img/s, timm {timm_rate:.1f} img/s, ratio {ours_rate / timm_rate:.2f}"
+        f"{name}: {setting.model} vs timm, batch {setting.batch}, {setting.resolution} px, "
+        f"{setting.precision}, {setting.steps} timed steps after {setting.warmup}, torch.compile "
+        f"backend {setting.backend}; peak {peak_text} ({peak.source})"
     )
-    print(f"model FLOP utilisation {mfu:.1%}" if peak else "MFU: unknown peak for this device")
-    return {"device": name, "ours": ours_rate, "timm": timm_rate, "mfu": mfu}
+    print(format_table(rows))
+    return {"device": name, "peak_tflops": peak.tflops, "peak_source": peak.source, "rows": rows}

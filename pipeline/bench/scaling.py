@@ -64,7 +64,7 @@ def run_once(
         f"tracking.experiment={experiment}",
         f"scaling.num_workers={workers}",
     ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "pipeline.pretrain", "--config", "configs/demo.yaml"]
     with CpuSampler(interval=2.0) as sampler:  # its own CPU use is a cost the 2 workers share

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 
 import numpy as np
@@ -53,6 +54,33 @@ def image_bytes(sample: dict) -> bytes | None:
     for key in IMAGE_KEYS:
         if key in sample:
             return sample[key]
+    return None
+
+
+LABEL_FIELDS = ("cls", "label", "class")  # integer class fields of a json member (img2dataset)
+
+
+def sample_label(sample: dict) -> int | None:
+    """A webdataset sample's class: its ``cls`` member, else an integer ``cls``, ``label`` or
+    ``class`` field of its ``json`` member; None when it has none."""
+    raw = sample.get("cls")
+    if raw is not None:
+        try:
+            return int(raw.decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if "json" not in sample:
+        return None
+    try:
+        document = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    for key in LABEL_FIELDS:
+        value = document.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return None
 
 

@@ -68,13 +68,16 @@ def inspect_shards(
     storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Log what the shard set at ``url`` holds and save a sample grid (default
-    ``./<name>-grid.png``); returns ``{"num_classes", "splits": {name: figures}, "grid"}``.
+    ``./<name>-grid.png``); returns ``{"num_classes", "corrupt", "splits": {name: figures},
+    "grid"}``.
     ``verify`` reads every shard and compares the sample counts with ``_info.json``."""
     info = read_info(url, storage_options)
     names = ", ".join(info.class_names[:12]) + (" ..." if info.num_classes > 12 else "")
     log.info(f"shard set {info.url}  name={info.name}")
     log.info(f"classes: {info.num_classes} ({names})")
     report: dict[str, Any] = {"num_classes": info.num_classes, "splits": {}}
+    report["corrupt"] = len(info.corrupt)
+    log.info(f"corrupt images the writer left out: {len(info.corrupt)} (listed in _info.json)")
     for split in info.splits.values():
         sizes = [url_size(u, storage_options) for u in split.shard_urls]
         line = (

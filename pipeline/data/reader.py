@@ -8,18 +8,20 @@ every loader worker adds to in shared memory; they grow as the loader is iterate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.info import TRAIN_SPLIT, VALIDATION_SPLIT, read_info
+from pipeline.data.mixing import TrainRecipe
 from pipeline.data.streams import EvalStream, Shards, TrainStream
-from pipeline.data.transforms import CROP_AREA, FusedTrainTransform, eval_transform
+from pipeline.data.transforms import CROP_AREA, InceptionCrop, eval_transform
 
 
 class ShardLoader:
-    """An iterable of (images, labels) batches with the skip counts of its workers."""
+    """An iterable of batches with the skip counts of its workers: (images, labels) for
+    evaluation, (images, MixTargets) for training."""
 
     def __init__(
         self,
@@ -41,7 +43,7 @@ class ShardLoader:
             generator=torch.Generator().manual_seed(0),
         )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         return iter(self._loader)
 
     def skipped(self) -> int:
@@ -62,12 +64,28 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _shards(url: str, split: str, storage_options: dict | None, allow_pipe: bool) -> Shards:
-    """The shards of ``split`` of the shard set at ``url``, with a fresh skip counter."""
-    info = read_info(url, storage_options, allow_pipe=allow_pipe)
+def _shards(
+    url: str,
+    split: str,
+    storage_options: dict | None,
+    allow_pipe: bool,
+    prefetch_shards: int = 0,
+    **hints: int | None,
+) -> Shards:
+    """The shards of ``split`` of the shard set at ``url``, with a fresh skip counter.
+
+    ``hints`` (``num_samples``, ``num_classes``) describe a brace pattern of shards that no
+    ``_info.json`` lists (see ``pipeline.data.info.pattern_info``).
+    """
+    info = read_info(url, storage_options, allow_pipe=allow_pipe, **hints)
     chosen = info.split(split)
     return Shards(
-        chosen.shard_urls, chosen.shard_lengths, info.num_classes, storage_options, allow_pipe
+        chosen.shard_urls,
+        chosen.shard_lengths,
+        info.num_classes,
+        storage_options,
+        allow_pipe,
+        prefetch_shards,
     )
 
 
@@ -84,21 +102,31 @@ def make_train_loader(
     resolution: int,
     randaugment_layers: int,
     randaugment_magnitude: float,
+    mixup_alpha: float = 0.0,
+    cutmix: bool = False,
+    augment_before_mix: bool = False,
     shuffle_buffer: int = 1000,
     start_batch: int = 0,
     storage_options: dict | None = None,
     pin_memory: bool = False,
     allow_pipe: bool = False,
-    transform: Callable | None = None,
     crop_min_area: float = CROP_AREA[0],
+    prefetch_shards: int = 0,
+    num_samples: int | None = None,
+    num_classes: int | None = None,
 ) -> TrainLoader:
     """Exactly ``batches_per_epoch - start_batch`` training batches of this rank for ``epoch``.
 
     ``url`` is a shard set written by ``write_shards`` (any fsspec URL; ``storage_options`` go
     to the filesystem). With ``allow_pipe=True`` it may be a ``pipe:`` command template in which
-    ``{path}`` stands for a file name, e.g. ``pipe:aws s3 cp s3://b/set/{path} -``. ``transform``
-    replaces the recipe (uint8 (3, H, W) in, uint8 (3, R, R) out). Batches are float32 NCHW
-    normalised with the ImageNet mean/std, labels int64; ``loader.skipped()`` counts bad samples.
+    ``{path}`` stands for a file name, e.g. ``pipe:aws s3 cp s3://b/set/{path} -``. Each image is
+    Inception-cropped and flipped, then the batch goes through ``TrainRecipe`` (MixUp/CutMix and
+    DM's RandAugment; with ``mixup_alpha > 0`` or ``cutmix`` and not ``augment_before_mix``, DM's
+    order: each output reads two images). Batches are ``(images, MixTargets)``: float32 NCHW
+    normalised with the ImageNet mean/std, and what the loss needs to mix the labels;
+    ``loader.skipped()`` counts bad samples. ``prefetch_shards`` shards are fetched ahead of the
+    one being decoded; ``num_samples`` and ``num_classes`` describe a brace pattern of shards that
+    no ``_info.json`` lists.
     """
     _check_positive(
         batch_size=batch_size,
@@ -113,12 +141,23 @@ def make_train_loader(
         )
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    if transform is None:
-        transform = FusedTrainTransform(
-            resolution, randaugment_layers, randaugment_magnitude, crop_min_area
-        )
+    recipe = TrainRecipe(
+        randaugment_layers,
+        randaugment_magnitude,
+        mixup_alpha=mixup_alpha,
+        cutmix=cutmix,
+        augment_before_mix=augment_before_mix,
+    )
     dataset = TrainStream(
-        _shards(url, TRAIN_SPLIT, storage_options, allow_pipe),
+        _shards(
+            url,
+            TRAIN_SPLIT,
+            storage_options,
+            allow_pipe,
+            prefetch_shards,
+            num_samples=num_samples,
+            num_classes=num_classes,
+        ),
         batch_size=batch_size,
         batches_per_epoch=batches_per_epoch,
         start_batch=start_batch,
@@ -126,7 +165,8 @@ def make_train_loader(
         world_size=world_size,
         epoch=epoch,
         seed=seed,
-        transform=transform,
+        transform=InceptionCrop(resolution, crop_min_area),
+        recipe=recipe,
         shuffle_buffer=shuffle_buffer,
     )
     return TrainLoader(dataset, num_workers, pin_memory, batches_per_epoch - start_batch)
@@ -144,6 +184,7 @@ def make_eval_loader(
     pin_memory: bool = False,
     allow_pipe: bool = False,
     split: str = VALIDATION_SPLIT,
+    prefetch_shards: int = 0,
 ) -> ShardLoader:
     """Every sample of ``split`` exactly once across ranks x workers (last batches may be short).
 
@@ -154,7 +195,7 @@ def make_eval_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     dataset = EvalStream(
-        _shards(url, split, storage_options, allow_pipe),
+        _shards(url, split, storage_options, allow_pipe, prefetch_shards),
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,

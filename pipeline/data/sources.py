@@ -1,26 +1,36 @@
-"""Image sources for the shard writer: an ImageFolder directory, procedural shapes, sklearn digits.
+"""Image sources for the shard writer: the protocol, procedural shapes, sklearn digits.
 
-A source is random access: ``source.sample(i)`` returns ``(jpeg_bytes, label)`` for index ``i``
+A source is random access: ``source.sample(i)`` returns ``(image_bytes, label)`` for index ``i``
 without touching any other index, so the writer can skip complete shards on a re-run and the
-output does not depend on the order in which samples are produced.
+output does not depend on the order in which samples are produced. The bytes are the image as
+stored (any format PIL reads); the writer decides what to keep, resize or re-encode.
+
+Sources with splits of their own, or that read cheaply only in runs (parquet files, tar shards),
+also offer the split interface of ``SplitSource``: the sizes of their splits, the order in which
+the writer should take each split's samples, and a small picklable ``part`` that reads the
+samples of one output shard (what a Ray task receives). ``as_split_source`` gives any source
+that interface.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.data.decode import to_rgb
+from pipeline.data.info import TRAIN_SPLIT
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 JPEG_QUALITY = 90  # rendered and re-encoded images; high enough that artefacts don't dominate
+
+# One sample as a part yields it: (index in its split, where it came from, image bytes, label).
+RawSample = tuple[int, str, bytes, int]
 
 
 class SourceError(ValueError):
@@ -29,7 +39,7 @@ class SourceError(ValueError):
 
 @runtime_checkable
 class Source(Protocol):
-    """What the shard writer needs: random access to (JPEG bytes, label) and a description."""
+    """What the shard writer needs at least: random access to (image bytes, label)."""
 
     name: str
     class_names: list[str]
@@ -37,12 +47,87 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def sample(self, index: int) -> tuple[bytes, int]:
-        """``(jpeg_bytes, label)`` of sample ``index``."""
+        """``(image_bytes, label)`` of sample ``index``."""
         ...
 
     def describe(self) -> dict:
         """What identifies the content (the writer refuses to resume with another)."""
         ...
+
+
+@runtime_checkable
+class SplitSource(Protocol):
+    """A source with splits of its own, read one output shard's ``part`` at a time."""
+
+    name: str
+    class_names: list[str]
+
+    def split_sizes(self) -> dict[str, int]:
+        """Samples per split (``train``, and ``validation`` when the source has one)."""
+        ...
+
+    def order(self, split: str, rng: np.random.Generator) -> np.ndarray:
+        """The order in which the writer takes the split's samples (cheap runs for the source)."""
+        ...
+
+    def part(self, split: str, indices: Sequence[int]) -> Iterable[RawSample]:
+        """A small picklable iterable of the samples ``indices`` of ``split``, in that order."""
+        ...
+
+    def describe(self) -> dict:
+        """What identifies the content (the writer refuses to resume with another)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SampledPart:
+    """Samples of a random-access source, read one ``sample`` call at a time."""
+
+    source: Source
+    indices: tuple[int, ...]
+
+    def __iter__(self) -> Iterator[RawSample]:
+        for index in self.indices:
+            data, label = self.source.sample(index)
+            yield index, str(index), data, label
+
+
+@dataclass(frozen=True)
+class RandomAccessSplits:
+    """A random-access source seen as a ``SplitSource``: one split, taken in a seeded order."""
+
+    source: Source
+
+    @property
+    def name(self) -> str:
+        """The source's name (the shards' file name prefix)."""
+        return self.source.name
+
+    @property
+    def class_names(self) -> list[str]:
+        """The source's class names."""
+        return list(self.source.class_names)
+
+    def split_sizes(self) -> dict[str, int]:
+        """One split: every sample."""
+        return {TRAIN_SPLIT: len(self.source)}
+
+    def order(self, split: str, rng: np.random.Generator) -> np.ndarray:
+        """A seeded permutation of the samples."""
+        return rng.permutation(len(self.source))
+
+    def part(self, split: str, indices: Sequence[int]) -> SampledPart:
+        """The samples ``indices``; the whole source travels with them (it is small)."""
+        return SampledPart(self.source, tuple(int(i) for i in indices))
+
+    def describe(self) -> dict:
+        """The source's own description."""
+        return self.source.describe()
+
+
+def as_split_source(source: Source | SplitSource) -> SplitSource:
+    """``source`` itself when it has splits of its own, else a one-split view of it."""
+    return source if isinstance(source, SplitSource) else RandomAccessSplits(source)
 
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
@@ -53,54 +138,6 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     # Baseline, no optimize pass: the bytes must be identical on every run for the same pixels.
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-@dataclass
-class ImageFolderSource:
-    """Class sub-folders of image files; JPEG files are stored byte for byte, others re-encoded."""
-
-    root: str
-    name: str = ""
-    class_names: list[str] = field(default_factory=list)
-    files: list[tuple[str, int]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def sample(self, index: int) -> tuple[bytes, int]:
-        """``(jpeg_bytes, label)`` of sample ``index``."""
-        path, label = self.files[index]
-        data = Path(path).read_bytes()
-        if data[:3] == b"\xff\xd8\xff":
-            return data, label
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return encode_jpeg(image), label
-
-    def describe(self) -> dict:
-        """What identifies this source's content (for the writer's resume check)."""
-        return {"source": "imagefolder", "root": self.root, "num_samples": len(self)}
-
-
-def imagefolder(path: str) -> ImageFolderSource:
-    """An ImageFolder-style directory: one sub-folder per class holding JPEG/PNG/... files."""
-    root = path[len("file://") :] if path.startswith("file://") else path
-    if not os.path.isdir(root):
-        raise SourceError(f"source directory {path!r} does not exist or is not a directory")
-    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not class_names:
-        raise SourceError(f"source directory {path!r} has no class sub-folders")
-    files = []
-    for label, class_name in enumerate(class_names):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, class_name)):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_SUFFIXES):
-                    files.append((os.path.join(dirpath, filename), label))
-    if not files:
-        raise SourceError(f"source directory {path!r} has no image files ({IMAGE_SUFFIXES})")
-    name = os.path.basename(os.path.normpath(root)) or "images"
-    return ImageFolderSource(root=root, name=name, class_names=class_names, files=files)
 
 
 SHAPE_KINDS = (
@@ -291,18 +328,3 @@ def digits(resolution: int = 64, num_samples: int | None = None) -> DigitsSource
     bunch = load_digits()
     count = len(bunch.target) if num_samples is None else min(num_samples, len(bunch.target))
     return DigitsSource(bunch.images[:count], bunch.target[:count], resolution)
-
-
-def from_name(
-    name: str, *, num_samples: int | None, resolution: int | None, seed: int, num_classes: int
-) -> Source:
-    """The source a CLI argument names: ``shapes``, ``digits`` or a directory."""
-    if name == "shapes":
-        return shapes(num_samples or 10_000, resolution or 64, seed, num_classes)
-    if name == "digits":
-        return digits(resolution or 64, num_samples)
-    if os.path.isdir(name[len("file://") :] if name.startswith("file://") else name):
-        return imagefolder(name)
-    raise SourceError(
-        f"unknown source {name!r}: expected 'shapes', 'digits' or an existing directory"
-    )

@@ -8,11 +8,13 @@ the fsspec filesystem unchanged (for s3fs e.g. ``{"client_kwargs": {"endpoint_ur
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -21,6 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.retry import call_with_backoff
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # Object stores make an object visible only when its upload completes (a single PUT, or the final
 # CompleteMultipartUpload), so writing straight to the final key is already atomic there.
@@ -133,16 +136,19 @@ def call_with_retries(url: str, fn: Callable[[], T]) -> T:
         raise StorageError(url, _describe(exc)) from exc
 
 
-def open_url(url: str, mode: str = "rb", storage_options: dict | None = None) -> IO[Any]:
-    """Open ``url`` as a file object (prefer ``atomic_write_bytes`` for writing)."""
+def open_url(
+    url: str, mode: str = "rb", storage_options: dict | None = None, **open_options: Any
+) -> IO[Any]:
+    """Open ``url`` as a file object (prefer ``atomic_write_bytes`` for writing);
+    ``open_options`` go to the filesystem's ``open`` (e.g. ``block_size``)."""
     fs, path = filesystem(url, storage_options)
     if "r" in mode:
         # A missing object should fail here, not on the first read deep inside a consumer.
-        return call_with_retries(url, lambda: fs.open(path, mode))
+        return call_with_retries(url, lambda: fs.open(path, mode, **open_options))
     if "w" in mode and isinstance(fs, LocalFileSystem):
         parent = os.path.dirname(path)
         call_with_retries(url, lambda: os.makedirs(parent, exist_ok=True))
-    return call_with_retries(url, lambda: fs.open(path, mode))
+    return call_with_retries(url, lambda: fs.open(path, mode, **open_options))
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
@@ -166,17 +172,34 @@ def url_size(url: str, storage_options: dict | None = None) -> int:
 def list_urls(prefix: str, storage_options: dict | None = None) -> list[str]:
     """Sorted URLs of the entries directly under the directory ``prefix`` ([] when it is absent)."""
     fs, path = filesystem(prefix, storage_options)
+    entries = _listing(prefix, lambda: fs.ls(path, detail=False))
+    names = sorted(os.path.basename(entry.rstrip("/")) for entry in entries)
+    return [join_url(prefix, name) for name in names]
 
-    def listing() -> list[str]:
+
+def _listing(prefix: str, list_fn: Callable[[], list]) -> list:
+    """``list_fn()`` with retries; [] when the folder ``prefix`` does not exist."""
+
+    def listing() -> list:
         try:
-            return fs.ls(path, detail=False)
+            return list_fn()
         except FileNotFoundError:
             return []
 
-    names = sorted(
-        os.path.basename(entry.rstrip("/")) for entry in call_with_retries(prefix, listing)
+    return call_with_retries(prefix, listing)
+
+
+def find_files(prefix: str, storage_options: dict | None = None) -> list[str]:
+    """Sorted paths, relative to the folder ``prefix``, of every file below it, hidden ones
+    (a path part starting with ``.``) left out; [] when it is absent."""
+    fs, path = filesystem(prefix, storage_options)
+    root = path.rstrip("/")
+    found = (
+        p[len(root) + 1 :]
+        for p in _listing(prefix, lambda: fs.find(root))
+        if p.startswith(root + "/")
     )
-    return [join_url(prefix, name) for name in names]
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.split("/")))
 
 
 def remove_url(url: str, storage_options: dict | None = None) -> None:
@@ -192,12 +215,12 @@ def remove_url(url: str, storage_options: dict | None = None) -> None:
     call_with_retries(url, remove)
 
 
-def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write ``data`` to ``url`` so that readers see the old state or all of it, never a part."""
+def _atomic_put(url: str, storage_options: dict | None, put: Callable[[Any, str], None]) -> None:
+    """Run ``put(fs, path)`` so that readers of ``url`` see the old state or all of it."""
     fs, path = filesystem(url, storage_options)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & _ATOMIC_PUT_PROTOCOLS:
-        call_with_retries(url, lambda: fs.pipe_file(path, data))
+        call_with_retries(url, lambda: put(fs, path))
         return
     parent, name = os.path.split(path.rstrip("/"))
     # A hidden temporary name in the same directory: the rename is atomic on POSIX, and a killed
@@ -206,7 +229,7 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
     if isinstance(fs, LocalFileSystem):
         call_with_retries(url, lambda: os.makedirs(parent, exist_ok=True))
     try:
-        call_with_retries(url, lambda: fs.pipe_file(temporary, data))
+        call_with_retries(url, lambda: put(fs, temporary))
         if isinstance(fs, LocalFileSystem):
             # os.replace, not fs.mv: shutil.move would put the file inside a directory that
             # occupies the final name instead of failing.
@@ -221,6 +244,56 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
         raise
 
 
+def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``url`` so that readers see the old state or all of it, never a part."""
+    _atomic_put(url, storage_options, lambda fs, path: fs.pipe_file(path, data))
+
+
+def upload_file(local_path: str, url: str, storage_options: dict | None = None) -> None:
+    """Copy the local file ``local_path`` to ``url`` whole, atomically as ``atomic_write_bytes``."""
+    _atomic_put(url, storage_options, lambda fs, path: fs.put_file(local_path, path))
+
+
 def is_temporary_name(name: str) -> bool:
     """Whether ``name`` is a leftover temporary file of ``atomic_write_bytes``."""
     return name.startswith(".") and ".tmp-" in name
+
+
+def url_sizes(prefix: str, storage_options: dict | None = None) -> dict[str, int]:
+    """``{name: bytes}`` of the files directly under the directory ``prefix`` (one listing)."""
+    fs, path = filesystem(prefix, storage_options)
+    return {
+        os.path.basename(entry["name"].rstrip("/")): int(entry.get("size") or 0)
+        for entry in _listing(prefix, lambda: fs.ls(path, detail=True))
+        if entry.get("type") != "directory"
+    }
+
+
+def read_existing(urls: list[str], storage_options: dict | None = None) -> dict[str, bytes]:
+    """The content of each of ``urls`` that exists (fetched concurrently where the store can)."""
+    if not urls:
+        return {}
+    fs, _ = filesystem(urls[0], storage_options)
+    paths = {filesystem(url, storage_options)[1]: url for url in urls}
+    found = call_with_retries(urls[0], lambda: fs.cat(list(paths), on_error="omit"))
+    return {paths[path]: data for path, data in found.items() if path in paths}
+
+
+def read_ahead(fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """``fn(item)`` for each of ``items``, in order, with up to ``window`` calls running ahead
+    in threads (I/O overlaps the consumer's work; at most ``window`` results wait in memory)."""
+    if window < 1:
+        yield from map(fn, items)
+        return
+    pending: collections.deque[Future] = collections.deque()
+    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="read-ahead") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -4,8 +4,11 @@ Training. Shard order: pass ``p`` over the split is a permutation drawn from (se
 same on every rank; the passes are concatenated and stream ``i`` of ``n`` = world_size x workers
 takes every ``n``-th entry, so streams read disjoint shards within a pass and the stream never
 ends. Samples go through a shuffle buffer seeded by (seed, epoch, rank, stream); each sample's
-augmentation is seeded by (seed, epoch, rank, stream, position). Images stay uint8 until a batch
-is complete, which is normalised in one vectorised step straight into shared memory.
+crop, and the mixing and RandAugment of the output it is the own image of, are seeded by (seed,
+epoch, rank, stream, position). A batch of B outputs takes ``recipe.images_per_output`` x B
+samples (2B in DM's order: disjoint pairs), crops each, and hands them to the ``TrainRecipe``
+(``pipeline.data.mixing``); images stay uint8 until the recipe is done, then the batch is
+normalised in one vectorised step straight into shared memory.
 
 Batch ``g`` of a rank comes from stream ``g mod workers``; with ``start_batch = j`` the physical
 worker ``w`` serves stream ``(w + j) mod workers``, so the DataLoader's round-robin hands out
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data.decode import CorruptImage, check_image, decode_rgb, image_bytes
-from pipeline.data.shardio import SkipCounter, iter_shard
+from pipeline.data.decode import CorruptImage, check_image, decode_rgb, image_bytes, sample_label
+from pipeline.data.mixing import MixTargets, TrainRecipe
+from pipeline.data.shardio import SkipCounter, iter_shard, iter_shards
 from pipeline.data.transforms import normalize_batch
 from pipeline.seeds import sample_seed
 
@@ -93,11 +97,14 @@ def _seeded(transform: Callable, image: torch.Tensor, seed: int) -> torch.Tensor
         torch.set_rng_state(state)
 
 
-def _batch(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack uint8 images and normalise them once for the whole batch."""
-    stacked = torch.stack(images)
-    out = _shared_float_like(stacked) if get_worker_info() is not None else None
-    return normalize_batch(stacked, out=out), torch.tensor(labels, dtype=torch.int64)
+def _normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """A batch of pixels normalised once for the whole batch (in a worker: into shared memory)."""
+    out = _shared_float_like(pixels) if get_worker_info() is not None else None
+    return normalize_batch(pixels, out=out)
+
+
+def _eval_batch(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _normalised(torch.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
 def _worker() -> tuple[int, int]:
@@ -114,6 +121,7 @@ class Shards:
     num_classes: int
     storage_options: dict | None = None
     allow_pipe: bool = False
+    prefetch_shards: int = 0
     counter: SkipCounter = field(default_factory=SkipCounter)
 
     @property
@@ -125,6 +133,17 @@ class Shards:
         """The samples of the shard at ``url``, in order."""
         return iter_shard(url, self.counter, self.storage_options, self.allow_pipe)
 
+    def read_in_order(self, order: Iterator[int]) -> Iterator[tuple[str, Iterator[dict]]]:
+        """``(url, samples)`` of the shards ``order`` names, the next ones fetched ahead."""
+        urls = (self.urls[index] for index in order)
+        return iter_shards(
+            urls,
+            self.counter,
+            self.storage_options,
+            self.allow_pipe,
+            prefetch_shards=self.prefetch_shards,
+        )
+
     def labelled(self, samples: Iterator[dict]) -> Iterator[tuple[bytes, int]]:
         """(image bytes, label) of the samples that have both; the others are counted."""
         for sample in samples:
@@ -132,11 +151,8 @@ class Shards:
             if data is None:
                 self.counter.add("missing_image")
                 continue
-            try:
-                label = int(sample["cls"].decode().strip())
-            except (KeyError, ValueError, UnicodeDecodeError):
-                label = -1
-            if not 0 <= label < self.num_classes:
+            label = sample_label(sample)
+            if label is None or not 0 <= label < self.num_classes:
                 self.counter.add("missing_label")
                 continue
             yield data, label
@@ -173,27 +189,26 @@ class TrainStream(IterableDataset):
         epoch: int,
         seed: int,
         transform: Callable[[torch.Tensor], torch.Tensor],
+        recipe: TrainRecipe,
         shuffle_buffer: int,
     ) -> None:
         self.shards = shards
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.start_batch = start_batch
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
-        self.transform, self.shuffle_buffer = transform, shuffle_buffer
+        self.transform, self.recipe, self.shuffle_buffer = transform, recipe, shuffle_buffer
 
     def _raw_samples(self, order: Iterator[int], patience: int) -> Iterator[dict]:
         """The samples of the shards in order; an error after ``patience`` empty shards in a row."""
         empty = 0
-        for shard in order:
+        for url, samples in self.shards.read_in_order(order):
             found = False
-            for sample in self.shards.read(self.shards.urls[shard]):
+            for sample in samples:
                 found = True
                 yield sample
             empty = 0 if found else empty + 1
             if empty > patience:
-                raise RuntimeError(
-                    f"{self.shards.urls[shard]}: no shard of the split holds a sample"
-                )
+                raise RuntimeError(f"{url}: no shard of the split holds a sample")
 
     def _samples(self, stream: int, num_workers: int) -> Iterator[tuple[bytes, int]]:
         index, count = self.rank * num_workers + stream, len(self.shards.urls)
@@ -202,13 +217,14 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, stream, _SHUFFLE])
         return shuffled(self.shards.labelled(raw), self.shuffle_buffer, rng)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, MixTargets]]:
         worker, num_workers = _worker()
         stream = (worker + self.start_batch) % num_workers
         first = self.start_batch + worker  # the first global batch index this worker serves
         remaining = max(0, -(-(self.batches_per_epoch - first) // num_workers))
-        to_skip = ((first - stream) // num_workers) * self.batch_size  # usable samples
-        images, labels, produced = [], [], 0
+        per_batch = self.batch_size * self.recipe.images_per_output  # usable samples
+        to_skip = ((first - stream) // num_workers) * per_batch
+        images, labels, seeds, produced = [], [], [], 0
         if remaining == 0:
             return
         counter = self.shards.counter
@@ -233,9 +249,11 @@ class TrainStream(IterableDataset):
             seed = sample_seed(_AUGMENT, self.seed, self.epoch, self.rank, stream, position)
             images.append(_seeded(self.transform, image, seed))
             labels.append(label)
-            if len(images) == self.batch_size:
-                yield _batch(images, labels)
-                images, labels, produced = [], [], produced + 1
+            seeds.append(seed)
+            if len(images) == per_batch:
+                pixels, targets = self.recipe(images, labels, seeds)
+                yield _normalised(pixels), targets
+                images, labels, seeds, produced = [], [], [], produced + 1
                 if produced == remaining:
                     return
 
@@ -282,7 +300,7 @@ class EvalStream(IterableDataset):
             images.append(self.transform(image))
             labels.append(label)
             if len(images) == self.batch_size:
-                yield _batch(images, labels)
+                yield _eval_batch(images, labels)
                 images, labels = [], []
         if images:
-            yield _batch(images, labels)
+            yield _eval_batch(images, labels)

@@ -3,7 +3,7 @@
 from pipeline.optim.agc import SGD_AGC, adaptive_clip_, unitwise_norm
 from pipeline.optim.ema import ModelEma, ema_decay_at
 from pipeline.optim.groups import param_groups
-from pipeline.optim.mixing import mixup_cutmix, smooth_labels, soft_target_cross_entropy
+from pipeline.optim.mixing import mixed_targets, smooth_labels, soft_target_cross_entropy
 from pipeline.optim.schedule import base_learning_rate, default_clipping, lr_at
 
 __all__ = [
@@ -14,7 +14,7 @@ __all__ = [
     "default_clipping",
     "ema_decay_at",
     "lr_at",
-    "mixup_cutmix",
+    "mixed_targets",
     "param_groups",
     "smooth_labels",
     "soft_target_cross_entropy",

@@ -1,9 +1,10 @@
 """The laptop demo's steps (``python -m pipeline.demo``, ``make demo``).
 
-Shards on the local disk, a Ray head on 127.0.0.1 (or the one already answering on the demo's
-dashboard port), the pretraining run and a scratch baseline submitted as Ray jobs, and the
-scheduler finetuning every checkpoint milestone on the tasks in ``jobs/finetune``. Everything
-lands in one output folder; running it again reuses what is already finished.
+Shards on the local disk, a Ray head on 127.0.0.1 with token authentication (or the one already
+answering on the demo's dashboard port, which must take this user's token), the pretraining run
+and a scratch baseline submitted as Ray jobs, and the scheduler finetuning every checkpoint
+milestone on the tasks in ``jobs/finetune``. Everything lands in one output folder; running it
+again reuses what is already finished.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.run.ray_cluster import (
     RAY_JOB_ENDED,
     RAY_JOB_FAILED,
     RAY_JOB_SUCCEEDED,
+    job_client,
     job_state,
     ray_head_answers,
     stop_ray_processes,
@@ -40,6 +42,7 @@ DASHBOARD_PORT = 8265
 DASHBOARD_URL = f"http://127.0.0.1:{DASHBOARD_PORT}"
 EXPERIMENT = "nfnet-demo"  # tracking.experiment of configs/demo.yaml and the finetune recipe
 PRETRAIN_CONFIG = "configs/demo.yaml"
+STOP_GRACE_S = 15.0  # for the head's processes to exit on SIGTERM before they are killed
 SCRATCH_CONFIG = "configs/finetune/digits.yaml"
 
 
@@ -70,22 +73,24 @@ def write_shards(out: Path, samples: int) -> tuple[str, str]:
 
 @contextmanager
 def ray_head(env: dict[str, str]) -> Iterator[None]:
-    """A Ray head on 127.0.0.1 for the demo's jobs, stopped afterwards; one that already answers
-    on the dashboard port is used as it is and left running."""
+    """A Ray head on 127.0.0.1 for the demo's jobs, stopped afterwards (also when its start
+    fails half-way); one that already answers on the dashboard port is used as it is and left
+    running. ``env`` carries ``RAY_AUTH_MODE`` and where the token is (``local_ray_env``)."""
     if ray_head_answers(DASHBOARD_URL):
         log.info(f"using the Ray head already answering on 127.0.0.1:{DASHBOARD_PORT}")
         yield
         return
     temp_dir = tempfile.mkdtemp(prefix="ray-demo-")
-    # 8 logical CPUs on 2 cores: pretraining (2 workers), a finetune and the scratch baseline
-    # (1 driver + 2 workers each) run side by side and share the cores.
-    sh("ray", "start", "--head", "--node-ip-address", "127.0.0.1",
-       "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT),
-       "--num-cpus", "8", "--temp-dir", temp_dir, "--disable-usage-stats", env=env)  # fmt: skip
     try:
+        # 8 logical CPUs on 2 cores: pretraining (2 workers), a finetune and the scratch baseline
+        # (1 driver + 2 workers each) run side by side and share the cores.
+        sh("ray", "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT),
+           "--num-cpus", "8", "--temp-dir", temp_dir, "--disable-usage-stats",
+           env=env)  # fmt: skip
         yield
     finally:
-        stop_ray_processes([temp_dir])
+        stop_ray_processes([temp_dir], grace=STOP_GRACE_S)
         log.info(f"stopped the demo's Ray head ({temp_dir})")
 
 
@@ -105,9 +110,7 @@ def wait_for_marker(path: Path, job_id: str, client, timeout: float = 600) -> st
 def run_jobs(out: Path, shapes: str, digits: str, every: int) -> str:
     """Submit pretraining and the scratch baseline, finetune every milestone; the pretraining
     run's MLflow id. A failed job raises DemoError."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(DASHBOARD_URL)
+    client = job_client(DASHBOARD_URL)
     common = [f"checkpoint.storage_url=file://{out}/runs", f"tracking.uri={tracking_uri(out)}"]
     overrides = [f"data.train_url={shapes}", *common]
     pretrain = ["python", "-m", "pipeline.pretrain", "--config", PRETRAIN_CONFIG, *overrides]

@@ -21,11 +21,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import fsspec
+import yaml
 
-from pipeline.config import ConfigError, RunConfig, load_config, to_yaml
+from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.data.info import read_info
 from pipeline.data.storage import StorageError, atomic_write_bytes, remove_url
+from pipeline.run.ray_cluster import check_token
 from pipeline.tracking import TrackingError, check_tracking_uri, redact
+from pipeline.tracking.redact import redact_text
 from pipeline.train.batches import SYNTHETIC, describe_dataset
 from pipeline.train.plan import Plan, deepspeed_config, make_plan
 
@@ -121,17 +124,30 @@ def resolve(config: RunConfig) -> Plan:
     check_dataset_url("data.train_url", data.train_url, data.allow_pipe)
     check_storage_endpoint("data", data.storage_options)
     try:
-        shape = describe_dataset(data.train_url, data.storage_options, allow_pipe=data.allow_pipe)
+        # A brace pattern of shards no _info.json lists takes its size and classes from here.
+        shape = describe_dataset(
+            data.train_url,
+            data.storage_options,
+            allow_pipe=data.allow_pipe,
+            train_samples=data.train_samples,
+            num_classes=config.model.num_classes,
+        )
     except (ValueError, StorageError) as exc:
         raise ConfigError(f"data.train_url: {exc}") from exc
+    val_samples = shape.val_samples
     if data.val_url and not data.train_url.startswith(SYNTHETIC):
         check_dataset_url("data.val_url", data.val_url, data.allow_pipe)
         try:
             info = read_info(data.val_url, data.storage_options, allow_pipe=data.allow_pipe)
-            info.split("validation")
+            val_samples = info.split("validation").num_samples
         except (ValueError, StorageError) as exc:
             raise ConfigError(f"data.val_url: {exc}") from exc
-    return make_plan(config, shape.num_classes, shape.train_samples, shape.val_samples)
+    elif val_samples == 0 and not data.train_url.startswith(SYNTHETIC):
+        raise ConfigError(
+            f"data.val_url: {redact(data.train_url)} has no validation split; set data.val_url "
+            "to a shard set that has one"
+        )
+    return make_plan(config, shape.num_classes, shape.train_samples, val_samples)
 
 
 def plan_run(config: RunConfig) -> Plan:
@@ -168,13 +184,17 @@ def check_cluster(config: RunConfig) -> None:
 
         check_endpoint("scaling.ray_address", address)
         try:
+            check_token(address)
+        except ConfigError as exc:  # a refused token, or no Ray GCS at the address
+            raise ConfigError(f"scaling.ray_address: {exc}") from None
+        try:
             # A connection of its own, closed again: a driver connection left open across the
             # launch makes Ray print every worker log line twice.
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             gpus = ray.cluster_resources().get("GPU", 0)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, …
             raise ConfigError(
-                f"scaling.ray_address: cannot reach Ray at {address}: {exc}"
+                f"scaling.ray_address: cannot reach Ray at {address}: {redact_text(str(exc))}"
             ) from None
         finally:
             ray.shutdown()
@@ -195,7 +215,8 @@ def describe_plan(config: RunConfig, plan: Plan) -> str:
     """The dry run's report: resolved config, DeepSpeed config, scaling plan."""
     return "\n".join(
         [
-            "# resolved config\n" + to_yaml(config),
+            "# resolved config\n"
+            + yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False),
             "# DeepSpeed config\n" + json.dumps(deepspeed_config(config, plan), indent=2),
             "# scaling plan\n"
             f"global batch {plan.global_batch} = micro-batch {plan.micro_batch} × accumulation "

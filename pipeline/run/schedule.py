@@ -24,7 +24,13 @@ from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config import ConfigError, load_yaml_model, parse_override
-from pipeline.run.ray_cluster import RAY_JOB_FAILED, RAY_JOB_SUCCEEDED, job_state
+from pipeline.run.ray_cluster import (
+    RAY_JOB_FAILED,
+    RAY_JOB_SUCCEEDED,
+    RayAuthError,
+    job_client,
+    job_state,
+)
 from pipeline.tracking import (
     ENDED_MLFLOW,
     TAG_PRETRAIN_RUN,
@@ -32,6 +38,8 @@ from pipeline.tracking import (
     TAG_TASK,
     list_checkpoints,
 )
+from pipeline.tracking.redact import redact_text
+from pipeline.tracking.uri import CREDENTIAL_VARIABLES
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +114,11 @@ class Pair:
 
 
 def _forwarded_env() -> dict[str, str]:
-    return {key: os.environ[key] for key in ("DS_ACCELERATOR",) if key in os.environ}
+    # The scheduler's accelerator choice, only when it made one (GPU clusters let DeepSpeed detect
+    # CUDA), and its MLflow credentials: the finetune's driver and workers log with them. A job's
+    # runtime environment is readable, like everything on the cluster, only with its token.
+    names = ("DS_ACCELERATOR", *CREDENTIAL_VARIABLES)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def submission_id(run_id: str, step: int, task: str, attempt: int) -> str:
@@ -147,12 +159,10 @@ class Scheduler:
         ray_address: str,
         policy: Policy,
     ):
-        from ray.job_submission import JobSubmissionClient
-
         self.pretrain_run, self.tasks, self.policy = pretrain_run, tasks, policy
         self.tracking_uri = tracking_uri
         self.mlflow = MlflowClient(tracking_uri)
-        self.ray = JobSubmissionClient(ray_address)
+        self.ray = job_client(ray_address)
         self.run = self.mlflow.get_run(pretrain_run)
         self.model_name = self.run.data.params.get("model.name")
 
@@ -206,8 +216,6 @@ class Scheduler:
             entrypoint=shlex.join(argv),
             submission_id=self._id(pair, attempt),
             entrypoint_num_cpus=pair.task.num_cpus,
-            # Pass the scheduler's accelerator choice on only when it made one (GPU clusters
-            # let DeepSpeed detect CUDA).
             runtime_env={"env_vars": _forwarded_env()},
             metadata={"pretrain_run": self.pretrain_run, "step": str(pair.step),
                       "task": pair.task.name, "attempt": str(attempt)},
@@ -229,7 +237,8 @@ class Scheduler:
                     self.submit(pair)
                 except RuntimeError as exc:  # the job server is not ready: try again next pass
                     log.warning(
-                        f"warning: could not submit step {pair.step} {pair.task.name}: {exc}"
+                        f"warning: could not submit step {pair.step} {pair.task.name}: "
+                        f"{redact_text(str(exc))}"
                     )
                     continue
                 running += 1
@@ -256,9 +265,11 @@ def open_scheduler(
     tasks = load_tasks(jobs)
     try:
         return Scheduler(pretrain_run, tasks, tracking_uri, ray_address, policy)
+    except RayAuthError as exc:
+        raise ConfigError(f"--ray-address: {exc}") from None
     except Exception as exc:  # MLflow's and Ray's clients raise their own exception types
         raise ConfigError(
-            f"cannot reach run {pretrain_run} or Ray at {ray_address}: {exc}"
+            f"cannot reach run {pretrain_run} or Ray at {ray_address}: {redact_text(str(exc))}"
         ) from None
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -23,6 +25,9 @@ _PERMANENT_ERRORS = set(
 def client(uri: str) -> MlflowClient:
     """An ``MlflowClient`` for ``uri`` (tracking and model registry), SQLite paths made absolute."""
     uri = resolve_tracking_uri(uri)
+    if urlsplit(uri).password is not None:
+        # MLflow prints each ended run's URL, password included, unless told not to.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

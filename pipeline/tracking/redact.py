@@ -1,4 +1,5 @@
-"""Secrets never reach MLflow: every param, tag and the config artifact go through ``redact``.
+"""Secrets never reach MLflow: every param, tag and the config artifact go through ``redact``,
+and every error message we print through ``redact_text``.
 
 Also MLflow's own limits on keys and values, so a long value or an odd key never makes the server
 refuse a whole request.
@@ -6,6 +7,7 @@ refuse a whole request.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +22,14 @@ REDACTED = "***"
 _SECRET_KEY = re.compile(
     r"key|secret|token|password|passwd|credential|session|auth|signature|^sig$", re.I
 )
+
+# Environment variables whose values are credentials: MLFLOW_TRACKING_PASSWORD and _TOKEN,
+# RAY_AUTH_TOKEN, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, MLFLOW_FLASK_SERVER_SECRET_KEY. Matched
+# at the end of the name, so TOKENIZERS_PARALLELISM or RAY_AUTH_TOKEN_PATH are not.
+_SECRET_VARIABLE = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|_KEY)$", re.I)
+# Shorter values are not credentials worth the name, and replacing them would blank out words.
+MIN_SECRET_CHARS = 8
+_URL_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.\-]*://[^\s'\"<>]+", re.I)
 
 # MLflow's server-side limits (mlflow/utils/validation.py in MLflow 3.x).
 MAX_PARAM_VALUE_CHARS = 6000
@@ -68,6 +78,27 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str):
         return _redact_url(obj)
     return obj
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """The values of the credential variables in ``env`` (this process's environment), longest
+    first so that a value containing another is replaced whole."""
+    env = os.environ if env is None else env
+    found = {
+        value
+        for name, value in env.items()
+        if _SECRET_VARIABLE.search(name) and len(value) >= MIN_SECRET_CHARS
+    }
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_text(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Free text (an error message, a log line) with the password of every URL in it and the
+    value of every credential variable of ``env`` replaced by ``***``."""
+    text = _URL_IN_TEXT.sub(lambda match: _redact_url(match.group(0)), text)
+    for value in secret_values(env):
+        text = text.replace(value, REDACTED)
+    return text
 
 
 def safe_key(key: str) -> str:

@@ -26,6 +26,9 @@ from safetensors.torch import load_file, save_file
 from pipeline.data.storage import StorageError, call_with_retries, read_bytes
 
 STATE_FILE = "state.json"
+# The weights files of a checkpoint folder, by which weights they hold (pipeline.tracking
+# WEIGHTS: "ema" or "raw").
+WEIGHTS_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 
 
 @contextlib.contextmanager
@@ -71,8 +74,8 @@ def save(directory: str, model, optimizer, ema, state: dict[str, Any]) -> None:
     """Write one complete checkpoint into ``directory`` (nothing if a tensor is not finite)."""
     path = Path(directory)
     files = {
-        "model.safetensors": _cpu(model.state_dict()),
-        "ema.safetensors": _cpu(ema.module.state_dict()),
+        WEIGHTS_FILES["raw"]: _cpu(model.state_dict()),
+        WEIGHTS_FILES["ema"]: _cpu(ema.module.state_dict()),
         "optimizer.safetensors": _cpu(optimizer_tensors(model, optimizer)),
     }
     check_finite(files, state.get("step"))
@@ -85,8 +88,8 @@ def load(directory: str, model, optimizer, ema) -> dict[str, Any]:
     """Restore model, EMA and optimizer state from ``directory``; return ``state.json``."""
     path = Path(directory)
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-    ema.module.load_state_dict(load_file(path / "ema.safetensors", device=str(device)))
+    model.load_state_dict(load_file(path / WEIGHTS_FILES["raw"], device=str(device)))
+    ema.module.load_state_dict(load_file(path / WEIGHTS_FILES["ema"], device=str(device)))
     parameters = dict(model.named_parameters())
     for key, value in load_file(path / "optimizer.safetensors", device=str(device)).items():
         name, _, state_key = key.rpartition("/")
@@ -129,7 +132,9 @@ def upload_with_retries(url: str) -> Callable[[Any, str], Any]:
 
 
 def fetch_weights(origin: dict[str, str], config) -> dict[str, torch.Tensor]:
-    """The weights ``origin`` names: a checkpoint folder URL or an MLflow artifact URI."""
+    """The weights ``origin`` names (``pipeline.run.references``): an MLflow artifact URI of the
+    chosen weights, or a checkpoint folder URL and which of its weights files (``origin
+    ["weights"]``: "ema" or "raw")."""
     if origin["kind"] == "mlflow":
         import mlflow.artifacts
 
@@ -139,7 +144,7 @@ def fetch_weights(origin: dict[str, str], config) -> dict[str, torch.Tensor]:
         if Path(local).is_dir():
             local = str(next(Path(local).rglob("*.safetensors")))
         return load_file(local)
-    url = f"{origin['url'].rstrip('/')}/model.safetensors"
+    url = f"{origin['url'].rstrip('/')}/{WEIGHTS_FILES[origin['weights']]}"
     return safetensors_load(read_bytes(url, config.checkpoint.storage_options))
 
 

@@ -1,4 +1,8 @@
-"""Top-1/top-5 on the validation split, for the raw and the EMA weights, summed over workers."""
+"""Top-1/top-5 on the validation split, for the raw and the EMA weights, summed over workers.
+
+DM evaluates in fp32 (DM experiment.py: the forward casts to bf16 only in training mode), hence
+``train.eval_precision`` "fp32" by default; "bf16" runs evaluation under bf16 autocast.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+PRECISIONS = ("fp32", "bf16")
 
 
 def _totals(
@@ -39,18 +44,21 @@ def evaluate(
     eval_batches: Callable[[], Batches],
     *,
     device: torch.device,
-    bf16: bool,
+    precision: str,
     limit: int | None,
 ) -> dict[str, float]:
     """``val/top1{suffix}`` and ``val/top5{suffix}`` of each model, over every worker's share.
 
     ``models`` maps a metric suffix to a model; each is evaluated in eval mode on a fresh pass
-    of ``eval_batches()`` and left in training mode. Every worker must call this (all-reduce).
+    of ``eval_batches()`` and left in training mode, in ``precision`` ("fp32" or "bf16"). Every
+    worker must call this (all-reduce).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"evaluation precision must be one of {PRECISIONS}, got {precision!r}")
     results = {}
     for suffix, model in models.items():
         model.eval()
-        totals = _totals(model, eval_batches(), device, bf16, limit)
+        totals = _totals(model, eval_batches(), device, precision == "bf16", limit)
         model.train()
         if dist.is_initialized():
             dist.all_reduce(totals)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.train.mfu import Utilisation, utilisation
+from pipeline.train.plan import Plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,11 +59,15 @@ def duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total_steps: int, metrics: dict[str, float], eta: float) -> str:
-    """The console line of a log step: position, loss, top-1, throughput, time left."""
+    """The console line of a log step: position, loss, top-1, throughput, MFU, time left."""
+    speed = f"{metrics['train/images_per_s']:.1f} img/s"
+    if "train/tflops_per_worker" in metrics:
+        speed += f"  {metrics['train/tflops_per_worker']:.3g} TFLOP/s per worker"
+    if "train/mfu" in metrics:
+        speed += f"  MFU {100 * metrics['train/mfu']:.1f} %"
     return (
         f"step {step}/{total_steps}  loss {metrics['train/loss']:.4f}  "
-        f"top1 {metrics['train/top1']:.3f}  {metrics['train/images_per_s']:.1f} img/s  "
-        f"ETA {duration(eta)}"
+        f"top1 {metrics['train/top1']:.3f}  {speed}  ETA {duration(eta)}"
     )
 
 
@@ -80,3 +90,48 @@ def open_run_logger(config: RunConfig, run_id: str | None, rank: int):
 
     uri = config.tracking.uri
     return RunLogger(uri, run_id, resume_from_step=last_logged_steps(uri, run_id))
+
+
+def start_utilisation(
+    config: RunConfig,
+    plan: Plan,
+    model: torch.nn.Module,
+    device: torch.device,
+    rank: int,
+    run_id: str | None,
+) -> Utilisation | None:
+    """Rank 0's FLOPs per training image and device peak for ``train/mfu`` (None elsewhere).
+
+    The peak is said on the console and stored as MLflow params on the run's first start
+    (MLflow params cannot change, and a resumed run measures a CPU's peak again: the first
+    start's figures stay, the console line says the current one).
+    """
+    if rank != 0:
+        return None
+    result = utilisation(
+        model, plan.train_resolution, device, plan.precision, config.scaling.peak_tflops
+    )
+    _record(config, run_id, result)
+    return result
+
+
+def _record(config: RunConfig, run_id: str | None, result: Utilisation) -> None:
+    params = result.params()
+    log.info(
+        f"MFU: {params['mfu.train_gflops_per_image']} GFLOP per training image (forward and "
+        f"backward); peak {params['mfu.peak_tflops']} TFLOP/s per worker: "
+        f"{params['mfu.peak_source']}"
+    )
+    if run_id is None:
+        return
+    # deferred: mlflow takes seconds to import, and only rank 0 logs
+    from pipeline.tracking.client import call_mlflow, client
+
+    try:
+        mlflow = client(config.tracking.uri)
+        logged = call_mlflow(partial(mlflow.get_run, run_id), "get_run", 3, 0.5).data.params
+        for key, value in params.items():
+            if key not in logged:
+                call_mlflow(partial(mlflow.log_param, run_id, key, value), "log_param", 3, 0.5)
+    except Exception as exc:  # a tracking outage costs the params, never the run
+        log.warning(f"MFU params not logged to MLflow run {run_id}: {exc}")

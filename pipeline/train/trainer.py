@@ -23,21 +23,28 @@ from pipeline.optim import (
     SGD_AGC,
     ModelEma,
     lr_at,
-    mixup_cutmix,
+    mixed_targets,
     param_groups,
     soft_target_cross_entropy,
 )
 from pipeline.seeds import sample_seed
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.batches import make_batches
+from pipeline.train.batches import MicroBatch, make_batches
+from pipeline.train.compiling import compile_model, use_compile
 from pipeline.train.evaluate import evaluate
-from pipeline.train.metrics import StepStats, eval_line, open_run_logger, progress_line
+from pipeline.train.metrics import (
+    StepStats,
+    eval_line,
+    open_run_logger,
+    progress_line,
+    start_utilisation,
+)
 from pipeline.train.nonfinite import NonfiniteStepError, NonfiniteSteps
 from pipeline.train.plan import Plan, deepspeed_config
 
 log = logging.getLogger(__name__)
 
-MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+MicroBatches = list[MicroBatch]
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -72,6 +79,7 @@ class Trainer:
         self.first_step = self.restore()
         self.step = self.first_step
         self.logger = open_run_logger(config, run_id, self.rank)
+        self.mfu = start_utilisation(config, plan, self.model, self.device, self.rank, run_id)
 
     def train(self) -> dict[str, float]:
         """Run what is left of the plan; return the last metrics (or where it stopped)."""
@@ -112,7 +120,10 @@ class Trainer:
             ckpt.load_backbone(model, ckpt.fetch_weights(init, self.config))
         # The weights stay contiguous (NCHW) even with channels_last activations: DeepSpeed's
         # start-up broadcast views each parameter as bytes, which needs a unit last stride.
-        return model.to(self.device)
+        model = model.to(self.device)
+        if use_compile(self.config.train.compile, self.device):
+            compile_model(model)  # in place, before DeepSpeed wraps it
+        return model
 
     def build_optimizer(self) -> SGD_AGC:
         """SGD with AGC over the model's parameter groups; DeepSpeed steps it."""
@@ -184,31 +195,25 @@ class Trainer:
     def train_step(self, micro_batches: MicroBatches) -> bool:
         """Forward/backward every micro-batch; DeepSpeed steps SGD_AGC at the boundary.
 
-        Returns whether the optimizer skipped the update (a NaN/Inf gradient).
+        The images arrive mixed, augmented and normalised (``pipeline.data.mixing``); their
+        labels are mixed and smoothed here, in the loss, as DM's experiment.py does. Returns
+        whether the optimizer skipped the update (a NaN/Inf gradient).
         """
-        plan, data, seed = self.plan, self.config.data, self.config.train.seed
+        plan, seed = self.plan, self.config.train.seed
+        smoothing = self.config.optim.label_smoothing  # DM experiment_nfnets.py: 0.1
         losses, correct = [], []
         lr = lr_at(self.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for slot, (images, labels) in enumerate(micro_batches):
-            # The global micro-batch index makes mixing, dropout and stochastic depth identical
-            # however the global batch is split over workers and accumulation slots.
+        for slot, (images, mix) in enumerate(micro_batches):
+            # The global micro-batch index makes dropout and stochastic depth identical however
+            # the global batch is split over workers and accumulation slots.
             global_micro = slot * plan.num_workers + self.rank
-            images, labels = images.to(self.device), labels.to(self.device)
-            generator = torch.Generator().manual_seed(sample_seed(seed, self.step, global_micro))
-            mixed, targets = mixup_cutmix(
-                images,
-                labels,
-                plan.num_classes,
-                generator=generator,
-                mixup_alpha=data.mixup_alpha,
-                cutmix=data.cutmix,
-                label_smoothing=self.config.optim.label_smoothing,
-            )
+            labels = mix.labels.to(self.device)
+            targets = mixed_targets(*mix, plan.num_classes, smoothing).to(self.device)
             torch.manual_seed(sample_seed(seed, self.step, global_micro, 1))
             with torch.autocast(self.device.type, torch.bfloat16, plan.precision == "bf16"):
-                logits = self.engine(mixed)
+                logits = self.engine(images.to(self.device))
             loss = soft_target_cross_entropy(logits.float(), targets)
             self.engine.backward(loss)
             self.engine.step()
@@ -218,7 +223,7 @@ class Trainer:
             return True  # its NaN would spoil the averages of the whole log line
         self.stats.loss += losses
         self.stats.correct += correct
-        self.stats.samples += sum(labels.numel() for _, labels in micro_batches)
+        self.stats.samples += sum(mix.labels.numel() for _, mix in micro_batches)
         if self.optimizer.last_stats:
             self.stats.clip_fraction.append(self.optimizer.last_stats["clip_fraction"].detach())
             self.stats.grad_norm.append(self.optimizer.last_stats["grad_norm"].detach())
@@ -243,7 +248,7 @@ class Trainer:
             {"": self.model, "_ema": self.ema.module},
             self.batches.eval_batches,
             device=self.device,
-            bf16=self.plan.precision == "bf16",
+            precision=self.config.train.eval_precision,  # DM: fp32 (bf16 only in training)
             limit=self.config.train.eval_batches,
         )
 
@@ -254,7 +259,10 @@ class Trainer:
         stats, self.stats = self.stats, StepStats()
         if self.rank != 0:
             return {}
-        metrics = stats.summary(self.plan.num_workers) | {
+        metrics = stats.summary(self.plan.num_workers)
+        if self.mfu is not None:
+            metrics |= self.mfu.metrics(metrics["train/images_per_s_per_worker"])
+        metrics |= {
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "data/skipped_samples": float(self.batches.skipped),
             "train/nonfinite_steps": float(self.nonfinite.total),
@@ -336,20 +344,18 @@ class Trainer:
         return {"stopped_at": float(self.step)}
 
     def finish(self) -> None:
-        """Final weights to MLflow (safetensors) and an optional registered model version."""
+        """Final raw and EMA weights to MLflow (safetensors); the registered model version, if
+        any, holds the EMA weights (the ones DM reports)."""
         if self.logger is None:
             return
         # deferred: mlflow takes seconds to import, and only rank 0 logs
-        from pipeline.tracking import log_safetensors_weights, register_model
+        from pipeline.tracking.artifacts import publish_weights
 
         self.logger.flush()
-        uri = self.config.tracking.uri
-        artifact = "weights/model.safetensors"
-        log_safetensors_weights(uri, self.run_id, self.final_state(), artifact_path=artifact)
-        if self.config.tracking.registered_model:
-            register_model(uri, self.run_id, artifact, self.config.tracking.registered_model)
+        publish_weights(
+            self.config.tracking.uri,
+            self.run_id,
+            {"raw": self.model.state_dict(), "ema": self.ema.module.state_dict()},
+            self.config.tracking.registered_model,
+        )
         self.logger.close()
-
-    def final_state(self) -> dict[str, torch.Tensor]:
-        """The final raw weights (the EMA weights stay in the checkpoint)."""
-        return {key: value.detach().cpu() for key, value in self.model.state_dict().items()}

@@ -281,6 +281,7 @@ def test_finetune_from_a_checkpoint_folder_passes_the_dry_run(setup, tmp_path):
     path, _ = write_config(setup, Case("valid"))
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint" / "ema.safetensors").write_bytes(b"")
     argv = ["--config", str(path), "--from", str(tmp_path / "checkpoint"), "--dry-run"]
     assert finetune.main(argv) == 0
 

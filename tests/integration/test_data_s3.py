@@ -13,7 +13,7 @@ import torch
 from pipeline import shards
 from pipeline.data import StorageError, make_eval_loader, make_train_loader, read_info, write_shards
 from pipeline.data.sources import shapes
-from pipeline.data.storage import list_urls, read_bytes
+from pipeline.data.storage import find_files, read_bytes
 from tests.helpers.cluster import free_port
 from tests.helpers.images import IndexedSource
 
@@ -41,7 +41,8 @@ def place(request, tmp_path) -> tuple[str, dict | None]:
 
 
 def _labels(loader) -> list[int]:
-    return [int(x) for _, batch in loader for x in batch]
+    """Each sample's own label: training batches carry MixTargets, evaluation batches labels."""
+    return [int(x) for _, batch in loader for x in getattr(batch, "labels", batch)]
 
 
 def test_write_inspect_read(place, tmp_path, capsys):
@@ -126,9 +127,9 @@ def test_cli_write_to_s3_gives_the_bytes_of_a_local_write(s3_endpoint, tmp_path)
         seed=2,
         progress=False,
     )
-    remote = {u.rsplit("/", 1)[-1]: read_bytes(u) for u in list_urls(url)}
-    assert remote == {p.name: p.read_bytes() for p in local.iterdir()}
-    assert len(remote) == 5  # 2 train shards, 1 validation shard, _info.json, _write_plan.json
+    remote = {path: read_bytes(f"{url}/{path}") for path in find_files(url)}
+    assert remote == {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*.*")}
+    assert len(remote) == 8  # 2 train shards, 1 validation shard, their records, 2 json files
 
 
 def test_missing_s3_objects_are_named(s3_endpoint, capsys):

@@ -81,8 +81,12 @@ def test_ray_job_submit_runs_the_demo_and_mlflow_holds_the_run(
     assert len(client.get_metric_history(run.info.run_id, "val/top1_ema")) == 2  # steps 5, 10
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "weights"} <= artifacts
+    weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
+    assert weights == {"weights/model.safetensors", "weights/ema.safetensors"}  # raw and EMA
     (version,) = client.search_model_versions("name = 'nano'")
     assert version.run_id == run.info.run_id
+    assert version.source.endswith("/weights/ema.safetensors")  # DM reports the EMA weights
+    assert version.tags["pipeline.weights"] == "ema"
     checkpoints = sorted((tmp_path / "runs").glob("*/step_*"))
     assert [c.name for c in checkpoints] == ["step_000000005", "step_000000010"]
     assert {p.name for p in checkpoints[-1].iterdir()} >= {
@@ -98,7 +102,16 @@ def test_two_workers_equal_one_worker_accumulating_two_micro_batches(
 ):
     synthetic = "synthetic://?samples=256&resolution=32&classes=10"
     common = {
-        "data": {"train_url": synthetic},
+        # DM's recipe: disjoint pairs, MixUp on half of each micro-batch and CutMix on the other,
+        # then RandAugment on the mixed images, each seeded by its global sample.
+        "data": {
+            "train_url": synthetic,
+            "mixup_alpha": 0.2,
+            "cutmix": True,
+            "augment_before_mix": False,
+            "randaugment_layers": 2,
+            "randaugment_magnitude": 9,
+        },
         "optim": {"clipping": 0.01, "lr": 0.4},
         # Timing the all-reduce wraps DeepSpeed's call; it must not change a single number.
         "train": {"steps": 5, "eval_every": 100, "time_allreduce": True},

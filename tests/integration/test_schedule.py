@@ -1,21 +1,23 @@
-"""Scheduled finetuning with real components: a pretraining run on the session's Ray head, the
-scheduler submitting finetune Ray jobs per checkpoint milestone, MLflow over HTTP, compare."""
+"""Scheduled finetuning with real components: a pretraining run on the session's Ray head (token
+authentication on), the scheduler submitting finetune Ray jobs per checkpoint milestone with the
+session's token, MLflow over HTTP, compare."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
-from ray.job_submission import JobSubmissionClient
 
 from pipeline.analysis import compare_runs
 from pipeline.data import write_shards
 from pipeline.data.sources import digits, shapes
-from pipeline.run.ray_cluster import RAY_JOB_ENDED, job_state
+from pipeline.run.ray_cluster import RAY_JOB_ENDED, job_client, job_state
 from tests.helpers.cluster import wait_until
 from tests.helpers.runs import ROOT, checked, run_pretrain, small_run_config
 
@@ -40,7 +42,7 @@ def schedule(cluster, mlflow_uri: str, run_id: str, jobs: Path, *extra: str):
     )  # fmt: skip
 
 
-def wait_until_settled(client: JobSubmissionClient, run_id: str, timeout: float = 300) -> list:
+def wait_until_settled(client, run_id: str, timeout: float = 300) -> list:
     """The scheduler's jobs for this run, once none is pending or running."""
     jobs: list = []
 
@@ -54,9 +56,19 @@ def wait_until_settled(client: JobSubmissionClient, run_id: str, timeout: float 
     return jobs
 
 
+def refuses_anonymous_requests(dashboard_url: str) -> bool:
+    """Whether the job server answers 401 to a request without a token."""
+    try:
+        urllib.request.urlopen(f"{dashboard_url}/api/jobs/", timeout=10).close()
+    except urllib.error.HTTPError as error:
+        return error.code == 401
+    return False
+
+
 def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
     ray_cluster, mlflow_server, tmp_path
 ):
+    assert refuses_anonymous_requests(ray_cluster.dashboard_url)  # what the scheduler submits to
     shards = f"file://{tmp_path}/shapes"
     write_shards(
         shapes(320, 32, seed=2), shards, samples_per_shard=100, val_samples=64, progress=False
@@ -95,7 +107,7 @@ def test_scheduler_finetunes_each_milestone_once_retries_and_compare_plots(
     )
     first = schedule(ray_cluster, mlflow_server, run_id, jobs, "--once")
     assert first.returncode == 0, first.stderr
-    ray_jobs = JobSubmissionClient(ray_cluster.dashboard_url)
+    ray_jobs = job_client(ray_cluster.dashboard_url)
     settled = wait_until_settled(ray_jobs, run_id)
     assert sorted(j.metadata["step"] for j in settled) == ["10", "5"]
     assert {job_state(j.status) for j in settled} == {"FAILED"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.decode import CorruptImage, check_image, decode_rgb
+from pipeline.data.decode import CorruptImage, check_image, decode_rgb, sample_label
 from pipeline.data.sources import encode_jpeg
 from tests.helpers.images import jpeg_bytes, png_bytes, without_segment
 
@@ -74,3 +74,21 @@ def test_png_is_checked_by_a_full_decode():
     check_image(data)
     with pytest.raises(CorruptImage):
         check_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("sample", "label"),
+    [
+        ({"cls": b" 7\n", "json": b'{"label": 3}'}, 7),  # the cls member wins
+        ({"json": b'{"key": "000000001", "label": 3}'}, 3),  # img2dataset's extra column
+        ({"json": b'{"cls": 4}'}, 4),
+        ({"json": b'{"class": 5, "label": "five"}'}, 5),
+        ({"json": b'{"label": true}'}, None),
+        ({"json": b"[1, 2]"}, None),
+        ({"json": b"not json"}, None),
+        ({"cls": b"seven"}, None),
+        ({"txt": b"a caption"}, None),
+    ],
+)
+def test_a_samples_class_comes_from_cls_or_from_its_json(sample, label):
+    assert sample_label(sample) == label

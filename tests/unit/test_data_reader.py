@@ -23,6 +23,7 @@ from tests.helpers.images import (
 TRAIN = dict(
     batch_size=4, resolution=24, randaugment_layers=2, randaugment_magnitude=5, shuffle_buffer=16
 )
+MIXING = dict(mixup_alpha=0.2, cutmix=True)  # DM's order: MixUp and CutMix, then RandAugment
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,9 @@ def _train(url: str, **overrides) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _same(first, second) -> bool:
+    """Equal lists of (images, MixTargets) batches."""
     return len(first) == len(second) and all(
-        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
         for a, b in zip(first, second, strict=True)
     )
 
@@ -82,7 +84,7 @@ def test_training_gives_every_rank_the_same_number_of_batches(dataset):
             )
             assert len(batches) == 7
             assert all(images.shape == (4, 3, 24, 24) for images, _ in batches)
-            assert {int(x) for _, labels in batches for x in labels} <= train
+            assert {int(x) for _, mix in batches for x in mix.labels} <= train
     loader = make_train_loader(
         url,
         **TRAIN,
@@ -101,19 +103,20 @@ def test_same_seed_same_batches_other_epoch_or_seed_or_rank_differs(dataset):
     url, _, _ = dataset
     reference = _train(url, num_workers=2)
     assert _same(reference, _train(url, num_workers=2))
-    labels = [b[1].tolist() for b in reference]
-    assert labels != [b[1].tolist() for b in _train(url, num_workers=2, epoch=1)]
-    assert labels != [b[1].tolist() for b in _train(url, num_workers=2, seed=8)]
-    assert labels != [b[1].tolist() for b in _train(url, num_workers=2, rank=1, world_size=2)]
+    labels = [b[1].labels.tolist() for b in reference]
+    assert labels != [b[1].labels.tolist() for b in _train(url, num_workers=2, epoch=1)]
+    assert labels != [b[1].labels.tolist() for b in _train(url, num_workers=2, seed=8)]
+    other_rank = _train(url, num_workers=2, rank=1, world_size=2)
+    assert labels != [b[1].labels.tolist() for b in other_rank]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
-@pytest.mark.parametrize("workers", [0, 2, 3])
-def test_start_batch_yields_exactly_the_uninterrupted_batches(dataset, workers):
+@pytest.mark.parametrize(("workers", "mixing"), [(0, {}), (2, {}), (3, {}), (2, MIXING)])
+def test_start_batch_yields_exactly_the_uninterrupted_batches(dataset, workers, mixing):
     url, _, _ = dataset
-    uninterrupted = _train(url, num_workers=workers, batches_per_epoch=8)
+    uninterrupted = _train(url, num_workers=workers, batches_per_epoch=8, **mixing)
     for start in (1, 5):
-        resumed = _train(url, num_workers=workers, batches_per_epoch=8, start_batch=start)
+        resumed = _train(url, num_workers=workers, batches_per_epoch=8, start_batch=start, **mixing)
         assert _same(resumed, uninterrupted[start:])
 
 
@@ -125,8 +128,26 @@ def test_each_epoch_covers_the_data_like_a_permutation(dataset):
         batches = _train(
             url, rank=rank, world_size=2, batch_size=5, batches_per_epoch=6, shuffle_buffer=0
         )
-        seen += [int(x) for _, labels in batches for x in labels]
+        seen += [int(x) for _, mix in batches for x in mix.labels]
     assert len(seen) == 60 and len(set(seen)) == 60 and set(seen) <= train
+
+
+def test_dms_mixing_order_reads_two_images_per_output_in_disjoint_pairs(dataset):
+    url, train, _ = dataset
+    # 70 samples, 1 rank: 8 batches of 4 outputs read 64 distinct samples (shuffle_buffer 0 and
+    # a single pass), each of them the own or the partner image of exactly one output.
+    batches = _train(url, **MIXING, batch_size=4, batches_per_epoch=8, shuffle_buffer=0)
+    own = [int(x) for _, mix in batches for x in mix.labels]
+    partners = [int(x) for _, mix in batches for x in mix.mix_labels]
+    assert len(set(own + partners)) == 64 and set(own + partners) <= train
+    for _, mix in batches:  # MixUp on outputs 0-1, CutMix on 2-3: a share in [0, 1]
+        assert mix.ratio.dtype == torch.float32 and bool(
+            ((0 <= mix.ratio) & (mix.ratio <= 1)).all()
+        )
+    before = _train(url, **MIXING, augment_before_mix=True, batches_per_epoch=8, shuffle_buffer=0)
+    own = [int(x) for _, mix in before for x in mix.labels]
+    assert len(set(own)) == 32  # one image per output, each also its neighbour's partner
+    assert sorted(int(x) for _, mix in before for x in mix.mix_labels) == sorted(own)
 
 
 def _handmade(directory) -> str:
@@ -267,3 +288,26 @@ def test_every_stored_mode_reaches_the_batch_as_rgb(tmp_path):
         rgb = torch.tensor(expected[label], dtype=torch.float64)
         reference = ((rgb / 255 - mean) / std).view(3, 1, 1).expand(3, 8, 8)
         assert (image.double() - reference).abs().max().item() < 1e-5
+
+
+def test_prefetching_shards_changes_no_batch(dataset):
+    url = dataset[0]
+    plain = _train(url, prefetch_shards=0, **MIXING)
+    assert _same(plain, _train(url, prefetch_shards=2, **MIXING))
+    workers = _train(url, num_workers=2, **MIXING)
+    assert _same(workers, _train(url, prefetch_shards=1, num_workers=2, **MIXING))
+
+
+def test_a_class_given_only_in_the_json_member_is_read(tmp_path):
+    """img2dataset's layout: the class in ``json`` (an integer ``label``), no ``cls`` member."""
+    samples = [
+        {"__key__": f"s{i}", "jpg": jpeg_bytes(i), "json": f'{{"label": {i}}}'.encode()}
+        for i in range(6)
+    ]
+    (tmp_path / "a.tar").write_bytes(tar_bytes(samples))
+    write_info(tmp_path, {"train": [("a.tar", 6)], "validation": [("a.tar", 6)]}, num_classes=6)
+    loader = make_eval_loader(
+        f"file://{tmp_path}", batch_size=4, rank=0, world_size=1, num_workers=0, resolution=16
+    )
+    assert sorted(int(y) for _, labels in loader for y in labels) == list(range(6))
+    assert loader.skipped() == 0

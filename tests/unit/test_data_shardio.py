@@ -1,16 +1,19 @@
-"""The shard reader's tar parsing against tar files written by Python's tarfile in every format."""
+"""The shard reader's tar parsing against tar files written by Python's tarfile in every format;
+retries mid-shard; shards prefetched whole, within their bounds."""
 
 from __future__ import annotations
 
 import io
 import tarfile
+import time
+from pathlib import Path
 
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.data import storage
-from pipeline.data.shardio import SkipCounter, iter_shard, register_fsspec_opener
+from pipeline.data.shardio import SkipCounter, iter_shard, iter_shards, register_fsspec_opener
 from pipeline.data.storage import StorageError
 
 LONG = "d" * 120 + "/sample.with.dots"
@@ -142,3 +145,64 @@ def test_a_shard_that_keeps_breaking_fails_naming_its_url(tmp_path, monkeypatch)
     assert caught.value.url == "flakymem://flaky/shard.tar"
     assert caught.value.reason.startswith("reading failed after 5 attempt(s)")
     assert _FlakyMemoryFS.opened == storage.RETRY_ATTEMPTS == 5
+
+
+def _shards(tmp_path, count: int) -> list[str]:
+    paths = []
+    for n in range(count):
+        renamed = tmp_path / f"s{n}.tar"
+        Path(_tar(tmp_path, tarfile.GNU_FORMAT)).rename(renamed)
+        paths.append(str(renamed))
+    return paths
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_prefetched_shards_give_the_samples_of_streamed_ones(tmp_path, prefetch):
+    urls = _shards(tmp_path, 4)
+    streamed = [list(iter_shard(url, SkipCounter())) for url in urls]
+    read = [
+        (url, list(samples))
+        for url, samples in iter_shards(urls, SkipCounter(), None, False, prefetch)
+    ]
+    assert read == list(zip(urls, streamed, strict=True))
+
+
+def test_prefetch_stays_within_its_shards(tmp_path):
+    urls = _shards(tmp_path, 6)
+    pulled = []
+
+    def endless():  # a training stream's shard order never ends
+        while True:
+            for url in urls:
+                pulled.append(url)
+                yield url
+
+    for depth in (1, 3):
+        pulled.clear()
+        shards_read = 0
+        for _, samples in iter_shards(endless(), SkipCounter(), None, False, depth):
+            list(samples)
+            shards_read += 1
+            time.sleep(0.05)  # the fetchers catch up, as far as they may
+            assert len(pulled) - shards_read <= depth
+            if shards_read == 8:
+                break
+        assert len(pulled) - shards_read == depth
+    pulled.clear()
+    reader = iter_shards(endless(), SkipCounter(), None, False, 3, max_bytes=1)
+    for shards_read in range(1, 9):
+        _, samples = next(reader)
+        assert len(list(samples)) == 3
+        time.sleep(0.02)
+        # Shards already fetched hold more than max_bytes: only fetches under way can be ahead.
+        assert len(pulled) - shards_read <= 3
+    reader.close()
+
+
+def test_a_missing_shard_fails_at_its_turn_naming_its_url(tmp_path):
+    urls = _shards(tmp_path, 2)
+    urls.insert(1, str(tmp_path / "missing.tar"))
+    read = iter_shards(urls, SkipCounter(), None, False, prefetch_shards=2)
+    assert next(read)[0] == urls[0]
+    with pytest.raises(StorageError, match="missing.tar: does not exist"):
+        next(read)

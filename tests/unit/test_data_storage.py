@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 
 import pytest
 
@@ -155,3 +156,45 @@ def test_storage_error_survives_pickling_as_ray_sends_it_from_a_worker():
     error = pickle.loads(pickle.dumps(StorageError("s3://bucket/x", "access refused")))
     assert (type(error), str(error)) == (StorageError, "s3://bucket/x: access refused")
     assert (error.url, error.reason) == ("s3://bucket/x", "access refused")
+
+
+def test_upload_file_is_atomic_and_sizes_list_the_files(tmp_path):
+    local = tmp_path / "local.tar"
+    local.write_bytes(b"z" * 700)
+    for url in (f"file://{tmp_path}/dest/a.tar", "memory://upload-test/dest/a.tar"):
+        storage.upload_file(str(local), url)
+        assert storage.read_bytes(url) == b"z" * 700
+        storage.atomic_write_bytes(url.replace("a.tar", "sub/b.json"), b"{}")
+        assert storage.url_sizes(url.rsplit("/", 1)[0]) == {"a.tar": 700}  # files only
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["a.tar", "sub"]
+    assert storage.url_sizes(str(tmp_path / "absent")) == {}
+
+
+def test_find_files_is_recursive_relative_and_leaves_hidden_files_out(tmp_path):
+    for name in ("b/2.jpg", "a/x/1.jpg", "a/.hidden.jpg", ".cache/3.jpg", "top.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert storage.find_files(f"file://{tmp_path}/") == ["a/x/1.jpg", "b/2.jpg", "top.txt"]
+    assert storage.find_files(str(tmp_path / "absent")) == []
+
+
+def test_read_existing_leaves_out_what_is_absent(tmp_path):
+    storage.atomic_write_bytes(str(tmp_path / "a"), b"1")
+    urls = [str(tmp_path / "a"), str(tmp_path / "missing")]
+    assert storage.read_existing(urls) == {str(tmp_path / "a"): b"1"}
+    assert storage.read_existing([]) == {}
+
+
+def test_read_ahead_keeps_the_order_and_at_most_its_window_running_ahead():
+    started, consumed = [], 0
+
+    def slow(item: int) -> int:
+        started.append(item)
+        time.sleep(0.01 * (item % 3))
+        return item * 2
+
+    for result in storage.read_ahead(slow, range(10), window=3):
+        assert result == 2 * consumed
+        consumed += 1
+        assert len(started) <= consumed + 3
+    assert list(storage.read_ahead(slow, [1, 2], window=0)) == [2, 4]

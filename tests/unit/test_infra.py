@@ -22,11 +22,12 @@ RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 RAYJOB = INFRA / "kuberay" / "rayjob.yaml"
 DOCKERFILE = INFRA / "Dockerfile"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
+AUTH_INI = INFRA / "mlflow" / "basic_auth.ini"
 CLUSTER_DOC = ROOT / "docs" / "cluster.md"
 PAPER_CONFIG = ROOT / "configs" / "pretrain" / "nfnet_f0.yaml"
 
 # Environment names whose values are credentials or carry them (a tracking URI may hold a password).
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|_USER$|TRACKING_URI|STORE_URI")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|_USER$|USERNAME|TRACKING_URI|STORE_URI")
 # Compose interpolation: ${VAR}, ${VAR:-default}, ${VAR:?message} (and the forms without colon).
 REFERENCE = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
 
@@ -162,6 +163,19 @@ def test_launcher_runs_our_image_and_downloads_nothing_else_at_run_time():
     assert "--dashboard-host=127.0.0.1" in started
 
 
+def test_launcher_starts_every_node_with_token_authentication_and_the_laptops_credentials():
+    config = _prepared_launcher()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [command for command in config[key] if "ray start" in command]
+        assert start.startswith("export RAY_AUTH_MODE=token;"), key
+        assert "RAY_AUTH_TOKEN=" not in start  # the token travels as a file, never in a command
+    # Ray reads ~/.ray/auth_token; MLflow's client reads ~/.mlflow/credentials.
+    assert config["file_mounts"] == {
+        "~/.ray/auth_token": "~/.ray/auth_token",
+        "~/.mlflow/credentials": "~/.mlflow/credentials",
+    }
+
+
 def test_launcher_workers_are_a_fixed_pool_of_the_f0_configs_32_gpus():
     config = _prepared_launcher()
     plan = load_config(PAPER_CONFIG)
@@ -228,8 +242,23 @@ def test_kuberay_credentials_come_only_from_the_secret_the_example_env_file_list
                 seen.add(variable["name"])
                 if reference.get("optional"):
                     optional.add(variable["name"])
-    assert seen == set(entries) and len(seen) == 5
-    assert seen - optional == required == {"MLFLOW_TRACKING_URI"}
+    assert seen == set(entries) and len(seen) == 7
+    tracking = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    assert seen - optional == required == tracking
+
+
+def test_kuberay_clusters_run_token_authentication_with_the_token_from_its_secret():
+    specs = [_load_all(RAYCLUSTER)[0]["spec"], _load_all(RAYJOB)[0]["spec"]["rayClusterSpec"]]
+    for spec in specs:
+        assert spec["authOptions"] == {"mode": "token", "secretName": "nfnet-ray-token"}
+    # KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN itself: no manifest names them.
+    for path in (RAYCLUSTER, RAYJOB):
+        assert "RAY_AUTH" not in "".join(
+            line for line in path.read_text().splitlines() if not line.startswith("#")
+        )
+    creating = "kubectl create secret generic nfnet-ray-token"
+    for path in (RAYCLUSTER, RAYJOB, INFRA / "README.md", CLUSTER_DOC):
+        assert creating in path.read_text(), path.name
 
 
 def _entrypoint_parts(entrypoint: str) -> tuple[str, str, list[str]]:
@@ -326,7 +355,36 @@ def test_compose_mlflow_version_equals_pyproject_pin():
     assert mlflow["build"]["args"]["MLFLOW_VERSION"] == version
     assert mlflow["image"].endswith(f":{version}")
     dockerfile = (INFRA / "mlflow" / mlflow["build"]["dockerfile"]).read_text()
-    assert '"mlflow==${MLFLOW_VERSION}"' in dockerfile
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in dockerfile  # the basic-auth app's Flask-WTF
+
+
+def test_compose_mlflow_runs_the_basic_auth_app_with_settings_that_hold_no_secret():
+    import configparser
+
+    mlflow = _compose()["services"]["mlflow"]
+    command = mlflow["command"]
+    assert command[:2] == ["mlflow", "server"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    environment = mlflow["environment"]
+    assert environment["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    assert "./basic_auth.ini:/etc/mlflow/basic_auth.ini:ro" in mlflow["volumes"]
+    # The admin and the form-signing key come from .env and are required (${VAR:?message}).
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY"):  # fmt: skip
+        (reference,) = REFERENCE.findall(environment[key])
+        assert reference[:2] == (key, "?")
+    settings = configparser.ConfigParser()
+    settings.read(AUTH_INI)
+    assert set(settings["mlflow"]) == {
+        "default_permission", "database_uri", "authorization_function",
+        "grant_default_workspace_access",
+    }  # fmt: skip
+    # The user store lives on the compose file's own volume, not in the container.
+    volume, _, mount = next(v for v in mlflow["volumes"] if v.startswith("mlflow-auth:")).partition(
+        ":"
+    )
+    assert settings["mlflow"]["database_uri"] == f"sqlite:///{mount}/basic_auth.db"
+    assert volume in _compose()["volumes"]
 
 
 def test_compose_holds_no_secret_values_only_references_to_the_env_file():
@@ -345,7 +403,7 @@ def test_compose_holds_no_secret_values_only_references_to_the_env_file():
                 assert userinfo == ":", f"{name}.{key}"
             else:
                 assert literal == "", f"{name}.{key} holds a literal value"
-    assert checked == 9
+    assert checked == 12
     assert referenced <= set(declared)
     for key, value in declared.items():
         if re.search(r"PASSWORD|SECRET|ROOT_USER", key):

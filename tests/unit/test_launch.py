@@ -81,12 +81,12 @@ def test_stop_ray_processes_signals_only_the_marked_processes_and_their_children
         other.wait()
 
 
-def test_the_local_ray_environment_runs_this_python_on_the_cpu_without_telemetry(monkeypatch):
+def test_the_local_ray_environment_runs_this_python_on_the_cpu_with_token_auth(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin")
     env = local_ray_env(EXTRA="1")
     assert env["PATH"] == f"{Path(sys.executable).parent}:/usr/bin"
     assert (env["DS_ACCELERATOR"], env["RAY_USAGE_STATS_ENABLED"]) == ("cpu", "0")
-    assert env["RAY_AUTH_MODE"] == "disabled" and env["EXTRA"] == "1"
+    assert env["RAY_AUTH_MODE"] == "token" and env["EXTRA"] == "1"
 
 
 def test_job_states_by_outcome():

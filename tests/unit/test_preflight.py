@@ -116,8 +116,10 @@ def test_a_checkpoint_origin_must_hold_weights(tmp_path, monkeypatch):
         "a checkpoint is a folder holding model.safetensors"
     )
     (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "empty" / "ema.safetensors").write_bytes(b"")
     origin = resolve_reference("./empty", uri)
-    assert origin == Origin({"kind": "checkpoint", "url": f"file://{tmp_path}/empty"}, None, None)
+    weights = {"kind": "checkpoint", "url": f"file://{tmp_path}/empty", "weights": "ema"}
+    assert origin == Origin(weights, None, None)
     assert origin.kind == "finetune" and resolve_reference("scratch", uri).kind == "scratch"
     with pytest.raises(ConfigError, match="^--from x://y: x://y: no filesystem serves x://"):
         resolve_reference("x://y", uri)

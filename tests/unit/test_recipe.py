@@ -1,4 +1,4 @@
-"""The training recipe: lr scaling, warm-up + cosine, λ by batch, EMA, MixUp/CutMix, smoothing."""
+"""The training recipe: lr scaling, warm-up + cosine, λ by batch, EMA, mixed targets, smoothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.optim import (
     default_clipping,
     ema_decay_at,
     lr_at,
-    mixup_cutmix,
+    mixed_targets,
     soft_target_cross_entropy,
 )
 
@@ -93,62 +93,33 @@ def test_ema_follows_tf1_warmup_in_float64():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
-def mixed(seed: int, batch: int = 16, **kwargs):
-    generator = torch.Generator().manual_seed(100)
-    images = torch.rand(batch, 3, 8, 8, generator=generator) + 1.0  # no pixel is 0
-    labels = torch.arange(batch) % 10
-    out, targets = mixup_cutmix(
-        images, labels, 10, generator=torch.Generator().manual_seed(seed), **kwargs
-    )
-    return images, labels, out, targets
+def test_mixed_targets_are_dms_label_mixing_then_smoothing():
+    # DM experiment.py _loss_fn: y = r * one_hot(labels) + (1 - r) * one_hot(mix_labels), then
+    # y * (1 - ls) + ls / num_classes.
+    labels, mix_labels = torch.tensor([0, 3, 2, 1]), torch.tensor([1, 3, 0, 1])
+    ratio = torch.tensor([0.25, 0.6, 1.0, 0.0])
+    targets = mixed_targets(labels, mix_labels, ratio, 4, label_smoothing=0.1)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for row, (own, other, r) in enumerate(zip(labels, mix_labels, ratio.double(), strict=True)):
+        expected[row, own] += r
+        expected[row, other] += 1 - r
+    expected = expected * 0.9 + 0.1 / 4
+    assert targets.dtype == torch.float32
+    torch.testing.assert_close(targets.double(), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4), rtol=0, atol=1e-6)
 
 
-def test_mixup_cutmix_is_deterministic_given_the_generator():
-    _, _, first, first_targets = mixed(seed=7)
-    _, _, again, again_targets = mixed(seed=7)
-    _, _, other, _ = mixed(seed=8)
-    assert torch.equal(first, again) and torch.equal(first_targets, again_targets)
-    assert not torch.equal(first, other)
+def test_unmixed_targets_are_the_smoothed_one_hot_labels():
+    labels = torch.tensor([4, 0, 9])
+    targets = mixed_targets(labels, labels, torch.ones(3), 10)  # DM's default smoothing 0.1
+    smoothed = F.one_hot(labels, 10).float() * 0.9 + 0.01
+    torch.testing.assert_close(targets, smoothed, rtol=0, atol=1e-7)
 
 
-def test_mixup_half_and_cutmix_half_with_smoothed_soft_targets():
-    images, labels, out, targets = mixed(seed=3, label_smoothing=0.1)
-    assert out.shape == images.shape and targets.shape == (16, 10)
-    torch.testing.assert_close(targets.sum(1), torch.ones(16), rtol=0, atol=1e-6)
-    assert targets.min().item() == pytest.approx(0.01, abs=1e-7)  # ls / num_classes
-    unsmoothed = (targets.double() - 0.01) / 0.9
-    partner = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0, 9, 10, 11, 12, 13, 14, 15, 8])
-    own = unsmoothed[torch.arange(16), labels]
-    assert torch.allclose(
-        own + unsmoothed[torch.arange(16), labels[partner]], torch.ones(16).double()
-    )
-    # MixUp half: every pixel is own * r + partner * (1 - r), with r the label weight.
-    ratio = own[:8, None, None, None].float()
-    expected = ratio * images[:8] + (1 - ratio) * images[partner[:8]]
-    torch.testing.assert_close(out[:8], expected, rtol=1e-5, atol=1e-5)
-    # CutMix half: every pixel is its own or its partner's, and the own share is the label weight.
-    from_own = out[8:] == images[8:]
-    from_partner = out[8:] == images[partner[8:]]
-    assert bool((from_own | from_partner).all())
-    own_share = from_own[:, 0].flatten(1).double().mean(1)
-    torch.testing.assert_close(own_share, own[8:], rtol=0, atol=1e-6)
-
-
-def test_mixup_ratios_follow_beta_point_two():
-    count = 20000
-    images = (torch.arange(count) % 2).float().reshape(count, 1, 1, 1)
-    labels = torch.zeros(count, dtype=torch.long)
-    generator = torch.Generator().manual_seed(0)
-    out, _ = mixup_cutmix(images, labels, 2, generator=generator, cutmix=False)
-    # Each example's partner is the next one, whose pixel is 1 - its own: out = r or 1 - r.
-    own_pixel, pixel = images[:, 0, 0, 0], out[:, 0, 0, 0].double()
-    ratio = torch.where(own_pixel == 1, pixel, 1 - pixel)
-    # Beta(0.2, 0.2): mean 0.5, variance 0.2^2 / (0.4^2 * 1.4) = 0.17857, and 58.2 % of the
-    # mass below 0.05 or above 0.95 (scipy.stats.beta.cdf(0.05, 0.2, 0.2) = 0.2910).
-    assert ratio.mean().item() == pytest.approx(0.5, abs=0.01)
-    assert ratio.var().item() == pytest.approx(0.17857, abs=0.006)
-    tails = ((ratio < 0.05) | (ratio > 0.95)).double().mean().item()
-    assert tails == pytest.approx(0.58205, abs=0.015)
+def test_mixed_targets_refuse_mismatched_shapes():
+    two, three = torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="one shape"):
+        mixed_targets(two, three, torch.ones(2), 5)
 
 
 def test_soft_target_cross_entropy_equals_float64_reference_and_torch_smoothing():
@@ -161,28 +132,3 @@ def test_soft_target_cross_entropy_equals_float64_reference_and_torch_smoothing(
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     torch_loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
     assert loss.item() == pytest.approx(torch_loss.item(), rel=1e-6)
-
-
-def test_mixup_cutmix_rejects_integer_images():
-    with pytest.raises(ValueError, match="floating point"):
-        mixup_cutmix(
-            torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-            torch.zeros(2, dtype=torch.long),
-            10,
-            generator=torch.Generator(),
-        )
-
-
-def test_mixing_off_returns_the_batch_and_one_hot_targets():
-    images, labels, out, targets = mixed(seed=1, batch=5, mixup_alpha=0.0, cutmix=False)
-    assert torch.equal(out, images)
-    smoothed = F.one_hot(labels, 10).float() * 0.9 + 0.01
-    torch.testing.assert_close(targets, smoothed, rtol=0, atol=1e-7)
-
-
-def test_odd_batch_mixes_three_with_mixup_and_two_with_cutmix():
-    images, labels, out, targets = mixed(seed=2, batch=5, label_smoothing=0.0)
-    # CutMix rows (3, 4) hold only their own and their partner's pixels.
-    pixels = (out[3:] == images[3:]) | (out[3:] == images[[4, 3]])
-    assert bool(pixels.all())
-    torch.testing.assert_close(targets.sum(1), torch.ones(5), rtol=0, atol=1e-6)

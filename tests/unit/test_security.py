@@ -4,11 +4,13 @@ servers bind 127.0.0.1, job specs cannot inject shell, ``pipe:`` URLs need expli
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import pickle
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,17 @@ import yaml
 from pipeline import pretrain
 from pipeline.config import ConfigError
 from pipeline.models.convert import read_haiku_file
+from pipeline.run import ray_cluster
+from pipeline.run.ray_cluster import (
+    AUTH_MODE,
+    AUTH_TOKEN,
+    AUTH_TOKEN_PATH,
+    auth_headers,
+    local_ray_env,
+    read_token,
+)
 from pipeline.run.schedule import TaskSpec, finetune_argv, load_tasks
+from pipeline.tracking.redact import redact_text
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
@@ -135,6 +147,22 @@ def test_local_ray_is_started_on_loopback_with_a_loopback_dashboard():
     assert not any("0.0.0.0" in text for text in package_sources().values())
 
 
+def test_a_local_cluster_is_stopped_whole_even_a_process_that_ignores_sigterm(tmp_path):
+    """What the demo's head gets at the end: SIGTERM, then SIGKILL after the grace period (a GCS
+    can hang in its SIGTERM shutdown and keep its ports open)."""
+    mark = f"ray-stop-mark-{tmp_path.name}"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(120)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, mark], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "ready"
+    assert ray_cluster.stop_ray_processes([mark], grace=1.0) == 1
+    assert process.wait(timeout=10) == -signal.SIGKILL
+
+
 # --- job specs cannot inject shell ----------------------------------------------------------
 
 
@@ -211,16 +239,54 @@ def test_pipe_url_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
 # --- secrets never reach what a run writes ---------------------------------------------------
 
 
-def _found(blob: bytes | str) -> list[str]:
+def _found(blob: bytes | str, secrets: tuple[str, ...] = SECRETS) -> list[str]:
     text = blob.decode("utf-8", "replace") if isinstance(blob, bytes) else blob
-    return [secret for secret in SECRETS if secret in text]
+    return [secret for secret in secrets if secret in text]
+
+
+def _leaking_lines(text: str, secrets: tuple[str, ...]) -> list[str]:
+    """The lines of ``text`` holding a secret, the secret itself masked: where it leaked."""
+    lines = [line for line in text.splitlines() if _found(line, secrets)]
+    for secret in secrets:
+        lines = [line.replace(secret, "<planted>") for line in lines]
+    return lines
+
+
+def test_redact_text_hides_url_passwords_and_credential_variables_only():
+    env = {
+        "MLFLOW_TRACKING_PASSWORD": SECRETS[1],
+        "RAY_AUTH_TOKEN": SECRETS[2],
+        "RAY_AUTH_TOKEN_PATH": "/home/me/.ray/auth_token",  # a path, not a credential
+        "TOKENIZERS_PARALLELISM": "false",  # "token" inside a name is not enough
+        "AWS_SECRET_ACCESS_KEY": "short",  # too short to be worth replacing
+    }
+    message = (
+        f"tracking server http://bob:{SECRETS[0]}@mlflow:5000/x?sig=abc refused {SECRETS[1]}; "
+        f"token {SECRETS[2]} from /home/me/.ray/auth_token; allow_pipe=false; short"
+    )
+    assert redact_text(message, env) == (
+        "tracking server http://bob:***@mlflow:5000/x?sig=*** refused ***; "
+        "token *** from /home/me/.ray/auth_token; allow_pipe=false; short"
+    )
 
 
 @pytest.mark.integration
-def test_planted_secrets_appear_nowhere_a_real_run_writes(tmp_path, ray_cluster, mlflow_server):
+def test_planted_secrets_appear_nowhere_a_real_run_writes(
+    tmp_path, ray_cluster, mlflow_auth_server, monkeypatch
+):
+    """Storage keys in the config, an AWS key, the MLflow password (in the environment and in
+    ``tracking.uri``, the two ways a user gives it) and the Ray token: none reaches a param, tag,
+    artifact, checkpoint or the driver's output, which carries the workers' logs. The run logs to
+    an MLflow server that authenticates."""
     from mlflow import MlflowClient
 
+    from tests.fixtures.ray_cluster import session_token
+
+    server = mlflow_auth_server
+    planted = (*SECRETS, server.password, session_token())
     credentials = {"key": SECRETS[0], "secret": SECRETS[1]}
+    port = server.uri.rsplit(":", 1)[1]
+    uri_with_password = f"http://{server.username}:{server.password}@127.0.0.1:{port}"
     config = {
         "model": {"name": "nfnet_nano"},
         "data": {"train_url": "synthetic://?samples=64&resolution=32&classes=10",
@@ -229,35 +295,89 @@ def test_planted_secrets_appear_nowhere_a_real_run_writes(tmp_path, ray_cluster,
                   "eval_every": 2},
         "checkpoint": {"storage_url": f"file://{tmp_path}/runs", "every_steps": 2,
                        "storage_options": credentials},
-        "tracking": {"uri": mlflow_server, "experiment": f"secrets-{tmp_path.name}"},
+        "tracking": {"uri": uri_with_password, "experiment": f"secrets-{tmp_path.name}"},
         "scaling": {"num_workers": 1},
     }  # fmt: skip
     path = tmp_path / "secrets.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.pretrain", "--config", str(path)],
-        env=ray_cluster.env(AWS_SECRET_ACCESS_KEY=SECRETS[2]),
+        env=ray_cluster.env(AWS_SECRET_ACCESS_KEY=SECRETS[2], **server.credentials()),
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert _found(result.stdout) == [] and _found(result.stderr) == []
+    assert result.returncode == 0, redact_text((result.stdout + result.stderr)[-4000:])
+    assert _leaking_lines(result.stdout + result.stderr, planted) == []
 
-    client = MlflowClient(mlflow_server)
+    for name, value in server.credentials().items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
     (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     data = run.data
     # the keys are logged, their values redacted
     assert data.params["checkpoint.storage_options.key"] == "***"
     assert data.params["data.storage_options.secret"] == "***"
-    assert _found(repr(data.params)) == [] and _found(repr(data.tags)) == []
-    assert _found(repr(sorted(data.metrics))) == []
+    assert data.params["tracking.uri"] == f"http://{server.username}:***@127.0.0.1:{port}"
+    assert _found(repr(data.params), planted) == [] and _found(repr(data.tags), planted) == []
+    assert _found(repr(sorted(data.metrics)), planted) == []
     downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
     artifacts = [p for p in downloaded.rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in artifacts)
     checkpoints = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "model.safetensors" for p in checkpoints)
-    leaks = {str(p): _found(p.read_bytes()) for p in artifacts + checkpoints}
+    leaks = {str(p): _found(p.read_bytes(), planted) for p in artifacts + checkpoints}
     assert {name: found for name, found in leaks.items() if found} == {}
+
+
+# --- Ray's token: on by default, found where Ray looks, private -------------------------------
+
+
+@pytest.fixture
+def token_env(tmp_path, monkeypatch) -> Path:
+    """A home of its own (so ~/.ray is the test's) and no Ray token or mode in the environment."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH):
+        monkeypatch.delenv(name, raising=False)
+    ray_cluster._warn_disabled.cache_clear()
+    return tmp_path / "home"
+
+
+def test_a_cluster_we_start_runs_token_auth_with_a_private_generated_token(token_env):
+    env = local_ray_env()
+    assert env[AUTH_MODE] == "token"
+    path = token_env / ".ray" / "auth_token"
+    token = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)  # 32 random bytes, as Ray generates them
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["auth_token"]  # no partial file left
+    assert local_ray_env()[AUTH_MODE] == "token" and path.read_text() == token  # kept
+    assert auth_headers() == {"Authorization": f"Bearer {token}"}
+
+
+def test_the_token_is_found_where_ray_looks_for_it(token_env, tmp_path, monkeypatch):
+    (token_env / ".ray").mkdir(parents=True)
+    (token_env / ".ray" / "auth_token").write_text("from-home\n")
+    assert read_token() == "from-home"
+    (tmp_path / "elsewhere").write_text("from-path")
+    monkeypatch.setenv(AUTH_TOKEN_PATH, str(tmp_path / "elsewhere"))
+    assert read_token() == "from-path"
+    monkeypatch.setenv(AUTH_TOKEN, "from-variable")
+    assert read_token() == "from-variable"
+    assert local_ray_env()[AUTH_MODE] == "token"
+    assert (tmp_path / "elsewhere").read_text() == "from-path"  # nothing generated over it
+
+
+def test_disabled_by_the_user_means_no_token_and_one_warning(token_env, monkeypatch, caplog):
+    monkeypatch.setenv(AUTH_MODE, "disabled")
+    with caplog.at_level(logging.WARNING, logger="pipeline.run.ray_cluster"):
+        for _ in range(3):
+            assert local_ray_env()[AUTH_MODE] == "disabled"
+        assert auth_headers() == {}
+    assert not (token_env / ".ray").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "RAY_AUTH_MODE=disabled" in warnings[0]
 
 
 def listening_addresses(port: int) -> set[str]:
