@@ -134,6 +134,8 @@ def resolve(config: RunConfig) -> Plan:
         )
     except (ValueError, StorageError) as exc:
         raise ConfigError(f"data.train_url: {exc}") from exc
+    if shape.train_samples == 0:  # named before the validation split, which then matters not
+        raise ConfigError(f"data.train_url: {redact(data.train_url)} holds no training samples")
     val_samples = shape.val_samples
     if data.val_url and not data.train_url.startswith(SYNTHETIC):
         check_dataset_url("data.val_url", data.val_url, data.allow_pipe)
