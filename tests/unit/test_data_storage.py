@@ -10,6 +10,7 @@ import pytest
 from pipeline.data import storage
 from pipeline.data.storage import StorageError
 from pipeline.retry import call_with_backoff
+from tests.helpers.flaky import Flaky
 
 
 def test_atomic_write_leaves_only_the_final_file(tmp_path):
@@ -70,17 +71,6 @@ def test_pipe_urls_are_not_storage():
         storage.read_bytes("pipe:cat /etc/hostname")
 
 
-class _FlakyCall:
-    def __init__(self, failures: list[BaseException]) -> None:
-        self.failures, self.calls = list(failures), 0
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.failures:
-            raise self.failures.pop(0)
-        return "done"
-
-
 class _ClientError(Exception):
     """Shaped like botocore's ClientError: the classification reads ``response``."""
 
@@ -97,7 +87,7 @@ def _retry(fn, attempts: int, backoff: float, sleep) -> str:
 
 def test_retry_backs_off_exponentially_on_transient_errors():
     sleeps: list[float] = []
-    flaky = _FlakyCall([ConnectionError("reset"), TimeoutError(), _ClientError("SlowDown", 503)])
+    flaky = Flaky(ConnectionError("reset"), TimeoutError(), _ClientError("SlowDown", 503))
     assert _retry(flaky, attempts=5, backoff=0.25, sleep=sleeps.append) == "done"
     assert flaky.calls == 4
     assert sleeps == [0.25, 0.5, 1.0]
@@ -105,7 +95,7 @@ def test_retry_backs_off_exponentially_on_transient_errors():
 
 def test_retry_gives_up_after_the_last_attempt():
     sleeps: list[float] = []
-    flaky = _FlakyCall([OSError(errno.ECONNRESET, "reset")] * 3)
+    flaky = Flaky(*[OSError(errno.ECONNRESET, "reset")] * 3)
     with pytest.raises(OSError):
         _retry(flaky, attempts=3, backoff=1.0, sleep=sleeps.append)
     assert flaky.calls == 3
@@ -123,7 +113,7 @@ def test_retry_gives_up_after_the_last_attempt():
 )
 def test_retry_does_not_repeat_permanent_errors(error):
     sleeps: list[float] = []
-    flaky = _FlakyCall([error])
+    flaky = Flaky(error)
     with pytest.raises(type(error)):
         _retry(flaky, attempts=5, backoff=1.0, sleep=sleeps.append)
     assert (flaky.calls, sleeps) == (1, [])
@@ -131,13 +121,13 @@ def test_retry_does_not_repeat_permanent_errors(error):
 
 def test_storage_calls_try_five_times_then_name_the_url(monkeypatch):
     monkeypatch.setattr(storage, "RETRY_BACKOFF", 0.0)
-    flaky = _FlakyCall([ConnectionResetError("reset")] * 5)
+    flaky = Flaky(*[ConnectionResetError("reset")] * 5)
     with pytest.raises(StorageError) as caught:
         storage.call_with_retries("s3://bucket/x", flaky)
     assert flaky.calls == storage.RETRY_ATTEMPTS == 5
     assert caught.value.url == "s3://bucket/x"
     assert caught.value.reason == "ConnectionResetError: reset"
-    assert storage.call_with_retries("s3://bucket/x", _FlakyCall([TimeoutError()] * 4)) == "done"
+    assert storage.call_with_retries("s3://bucket/x", Flaky(*[TimeoutError()] * 4)) == "done"
 
 
 def test_transient_cause_is_found_through_the_exception_chain():

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from pipeline import tracking
+from tests.helpers.flaky import Flaky
 
 SECRETS = ("AKIA-PLANTED-KEY", "planted-secret-value", "planted-session-token", "planted-pw")
 
@@ -271,29 +272,16 @@ def test_logger_left_open_still_sends_its_queue_when_the_process_exits(uri: str)
     assert sorted(m.step for m in history) == list(range(7))
 
 
-class _Flaky:
-    """A call failing with ``failures`` in turn, then answering "done"."""
-
-    def __init__(self, *failures: Exception) -> None:
-        self.failures, self.calls = list(failures), 0
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.failures:
-            raise self.failures.pop(0)
-        return "done"
-
-
 def test_mlflow_calls_retry_transient_failures_but_not_refused_requests() -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
     from pipeline.tracking.client import call_mlflow
 
-    flaky = _Flaky(ConnectionError("reset"), MlflowException("busy", TEMPORARILY_UNAVAILABLE))
+    flaky = Flaky(ConnectionError("reset"), MlflowException("busy", TEMPORARILY_UNAVAILABLE))
     assert call_mlflow(flaky, "log_batch", retries=2, backoff=0.0) == "done"
     assert flaky.calls == 3
-    refused = _Flaky(MlflowException("no such run", RESOURCE_DOES_NOT_EXIST))
+    refused = Flaky(MlflowException("no such run", RESOURCE_DOES_NOT_EXIST))
     with pytest.raises(MlflowException, match="no such run"):
         call_mlflow(refused, "log_batch", retries=5, backoff=0.0)
     assert refused.calls == 1
