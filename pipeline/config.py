@@ -8,7 +8,6 @@ resolved where the default lives (the variant table in ``pipeline.models``, the 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -329,15 +328,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return validate(RunConfig, tree, source)
-
-
-def load_config_or_exit(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """``load_config`` for entry points: a bad config prints its message and exits 2."""
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        print(f"error: bad config: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 def to_yaml(config: RunConfig) -> str:

@@ -169,14 +169,6 @@ def url_size(url: str, storage_options: dict | None = None) -> int:
     return int(call_with_retries(url, lambda: fs.size(path)))
 
 
-def list_urls(prefix: str, storage_options: dict | None = None) -> list[str]:
-    """Sorted URLs of the entries directly under the directory ``prefix`` ([] when it is absent)."""
-    fs, path = filesystem(prefix, storage_options)
-    entries = _listing(prefix, lambda: fs.ls(path, detail=False))
-    names = sorted(os.path.basename(entry.rstrip("/")) for entry in entries)
-    return [join_url(prefix, name) for name in names]
-
-
 def _listing(prefix: str, list_fn: Callable[[], list]) -> list:
     """``list_fn()`` with retries; [] when the folder ``prefix`` does not exist."""
 
