@@ -4,18 +4,25 @@
 ``pipeline.figure`` tag the runner sets. One row per experiment run (the newest finished MLflow
 run tagged with that run's name), then one figure by kind:
 
-- ``batch``: final validation top-1 (and final training loss) against the global batch, with
-  and without AGC (``agc_batch.png``);
-- ``lambda``: final validation top-1 against AGC λ, the no-AGC run as a line (``agc_lambda.png``);
+- ``batch``: final validation top-1 (and final training loss) against the global batch for the
+  NFNet with AGC, without AGC and the batch-normalised ResNet (``agc_batch.png``), and at the
+  largest batch the NFNet's training loss and gradient norm per step with and without AGC
+  (``agc_batch_curves.png``);
+- ``lambda``: final validation top-1 against AGC λ, the no-AGC runs as a band
+  (``agc_lambda.png``);
 - ``curves``: training loss and validation top-1 against images seen, per run (``curves.png``);
 - ``transfer``: downstream top-1 finetuned from each pretraining checkpoint against scratch,
   next to the pretraining's own validation top-1 at those steps (``transfer.png``).
 
-``table.md`` holds the rows with the numbers as MLflow stores them, rounded to 5 decimals.
+Runs repeated with other seeds (``train.seed``) are drawn as the mean with a bar from the lowest
+to the highest value and each seed as a dot. ``table.md`` holds the rows with the numbers as
+MLflow stores them, rounded to 5 decimals.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ from pipeline import tracking
 from pipeline.analysis.figures import new_figure, save_with_legends, two_panels
 from pipeline.analysis.report import markdown_table
 from pipeline.analysis.runs import Comparison, RunView, counting_last
+from pipeline.models import get_variant
 
 Rows = list[dict[str, Any]]
 Drawn = tuple[Any, dict[str, int]]  # a figure and {series: points drawn}
@@ -32,6 +40,14 @@ def figure_kind(comparison: Comparison, experiment: str) -> str | None:
     """The experiment's ``pipeline.figure`` tag (None for experiments not run by the runner)."""
     found = comparison.client.get_experiment_by_name(experiment)
     return found.tags.get(tracking.TAG_FIGURE) if found is not None else None
+
+
+def _family(model: str | None) -> str:
+    """ "resnet_bn" for the batch-normalised baselines, else "nfnet" (unknown names too)."""
+    try:
+        return get_variant(model or "").family
+    except ValueError:
+        return "nfnet"
 
 
 def _value(value: float | None) -> float | None:
@@ -58,11 +74,14 @@ def _row(comparison: Comparison, name: str, view: RunView) -> dict[str, Any]:
         "batch": int(params.get("train.global_batch", 0)),
         "lr": float(params.get("plan.peak_lr", "nan")),
         "clipping": None if clipping == "None" else float(clipping),
+        "seed": int(params.get("train.seed", 0)),
+        "family": _family(params.get("model.name")),
         "start": start or f"step {view.tag(tracking.TAG_PRETRAIN_STEP)}",
         "pretrain_step": view.tag(tracking.TAG_PRETRAIN_STEP),
         "val_top1": _value(comparison.final(view, "val/top1")),
         "val_top1_ema": _value(comparison.final(view, "val/top1_ema")),
         "train_loss": _value(comparison.final(view, "train/loss")),
+        "nonfinite": _value(comparison.final(view, "train/nonfinite_steps")),
         "wall_s": None if wall is None else round(wall),
         "load": _load(view),
         "status": info.status,
@@ -82,23 +101,49 @@ def experiment_rows(comparison: Comparison, views: list[RunView]) -> Rows:
     return [_row(comparison, name, view) for name, view in ordered]
 
 
+def _series(row: dict[str, Any]) -> str:
+    if row["family"] == "resnet_bn":
+        return "BN ResNet"
+    return "NFNet, AGC" if row["clipping"] is not None else "NFNet, no AGC"
+
+
+def _draw_spread(axes: Any, label: str, points: dict[float, list[float]]) -> int:
+    """Mean against x, a bar from the lowest to the highest seed, each seed as a dot."""
+    xs = sorted(points)
+    means = [statistics.fmean(points[x]) for x in xs]
+    below = [mean - min(points[x]) for x, mean in zip(xs, means, strict=True)]
+    above = [max(points[x]) - mean for x, mean in zip(xs, means, strict=True)]
+    seeds = max(len(values) for values in points.values())
+    if seeds > 1:
+        label = f"{label} (mean, min-max of up to {seeds} seeds)"
+    drawn = axes.errorbar(xs, means, yerr=[below, above], fmt="o-", capsize=3, label=label)
+    colour = drawn.lines[0].get_color()
+    for x in xs:
+        if len(points[x]) > 1:
+            axes.plot([x] * len(points[x]), points[x], ".", color=colour, alpha=0.5)
+    return sum(len(values) for values in points.values())
+
+
+def _grouped(rows: Rows, x: str, y: str) -> dict[str, dict[float, list[float]]]:
+    """{series: {x: [y of each seed]}} over the rows that have ``y``."""
+    groups: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row[y] is not None and row[x] is not None:
+            groups[_series(row)][row[x]].append(row[y])
+    return groups
+
+
 def _plot_batch(rows: Rows) -> Drawn:
     figure, axes, loss_axes = two_panels(
-        ("AGC against batch size (same epochs)", "global batch", "final val top-1"),
+        ("final validation top-1 against batch size (same epochs)", "global batch", "val top-1"),
         ("final training loss", "global batch", "train loss"),
     )
     series = {}
-    for label, with_agc in (("with AGC", True), ("without AGC", False)):
-        points = sorted(
-            (r["batch"], r["val_top1"], r["train_loss"])
-            for r in rows
-            if (r["clipping"] is not None) == with_agc and r["val_top1"] is not None
-        )
-        if points:
-            batches = [p[0] for p in points]
-            axes.plot(batches, [p[1] for p in points], "o-", label=label)
-            loss_axes.plot(batches, [p[2] for p in points], "o-", label=label)
-            series[label] = len(points)
+    for each, metric in ((axes, "val_top1"), (loss_axes, "train_loss")):
+        for name, points in sorted(_grouped(rows, "batch", metric).items()):
+            drawn = _draw_spread(each, name, points)
+            if metric == "val_top1":
+                series[name] = drawn
     batches = sorted({r["batch"] for r in rows})
     for each in (axes, loss_axes):
         each.set_xscale("log", base=2)
@@ -106,20 +151,45 @@ def _plot_batch(rows: Rows) -> Drawn:
     return figure, series
 
 
+def _plot_largest_batch(comparison: Comparison, rows: Rows) -> Drawn:
+    """Training loss and gradient norm per step of the NFNet runs at the largest batch."""
+    largest = max((r["batch"] for r in rows), default=0)
+    figure, loss_axes, norm_axes = two_panels(
+        (f"training loss at batch {largest}", "step", "train loss"),
+        (f"gradient norm at batch {largest} (before clipping)", "step", "grad norm"),
+    )
+    series, colours = {}, {"NFNet, AGC": "tab:blue", "NFNet, no AGC": "tab:red"}
+    for row in rows:
+        name = _series(row)
+        if row["batch"] != largest or name not in colours:
+            continue
+        label = f"{name}, seed {row['seed']}, {row['nonfinite'] or 0:g} NaN/Inf steps"
+        for each, key in ((loss_axes, "train/loss"), (norm_axes, "train/grad_norm")):
+            history = comparison.history(row["view"], key)
+            if history:
+                steps, values = [m.step for m in history], [m.value for m in history]
+                each.plot(steps, values, "-", color=colours[name], alpha=0.8, label=label)
+                series[f"{row['run']} {key}"] = len(history)
+    norm_axes.set_yscale("log")
+    return figure, series
+
+
 def _plot_lambda(rows: Rows) -> Drawn:
     batches = sorted({r["batch"] for r in rows})
     title = f"AGC λ at global batch {', '.join(map(str, batches))}"
     figure, axes = new_figure(title, "AGC clipping threshold λ", "final val top-1")
-    points = sorted((r["clipping"], r["val_top1"]) for r in rows if r["clipping"] is not None)
+    groups = _grouped(rows, "clipping", "val_top1")
     series = {}
-    if points:
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label="with AGC")
+    if "NFNet, AGC" in groups:
+        series["with AGC"] = _draw_spread(axes, "with AGC", groups["NFNet, AGC"])
         axes.set_xscale("log")
-        series["with AGC"] = len(points)
-    for row in rows:
-        if row["clipping"] is None and row["val_top1"] is not None:
-            axes.axhline(row["val_top1"], linestyle=":", color="gray", label=f"{row['run']}")
-            series[row["run"]] = 1
+    unclipped = [r["val_top1"] for r in rows if r["clipping"] is None and r["val_top1"] is not None]
+    if unclipped:
+        mean = statistics.fmean(unclipped)
+        label = f"without AGC (mean of {len(unclipped)}, band min-max)"
+        axes.axhline(mean, linestyle=":", color="gray", label=label)
+        axes.axhspan(min(unclipped), max(unclipped), color="gray", alpha=0.15)
+        series["without AGC"] = len(unclipped)
     return figure, series
 
 
@@ -171,12 +241,16 @@ def draw_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(markdown_table(rows))
     drawers = {
-        "batch": ("agc_batch.png", lambda: _plot_batch(rows)),
-        "lambda": ("agc_lambda.png", lambda: _plot_lambda(rows)),
-        "curves": ("curves.png", lambda: _plot_curves(comparison, rows)),
-        "transfer": ("transfer.png", lambda: _plot_transfer(comparison, rows)),
+        "batch": {
+            "agc_batch.png": lambda: _plot_batch(rows),
+            "agc_batch_curves.png": lambda: _plot_largest_batch(comparison, rows),
+        },
+        "lambda": {"agc_lambda.png": lambda: _plot_lambda(rows)},
+        "curves": {"curves.png": lambda: _plot_curves(comparison, rows)},
+        "transfer": {"transfer.png": lambda: _plot_transfer(comparison, rows)},
     }
-    filename, draw = drawers[kind]
-    figure, series = draw()
-    save_with_legends(figure, out_dir / filename)
-    return rows, {filename: series}
+    drawn = {}
+    for filename, draw in drawers[kind].items():
+        figure, drawn[filename] = draw()
+        save_with_legends(figure, out_dir / filename)
+    return rows, drawn

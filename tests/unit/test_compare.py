@@ -160,12 +160,19 @@ def test_main_writes_plots_and_exits_0(logged: dict[str, str], tmp_path: Path) -
 
 def test_compare_experiment_draws_the_experiment_figure_and_table(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for name, clipping, top1 in (("agc", 0.01, 0.6), ("plain", None, 0.5)):
-        params = {"model": {"name": "nfnet_test"}, "train": {"global_batch": 64}}
+    runs = (
+        ("agc", "nfnet_test", 0.01, 0, 0.6),
+        ("agc-seed1", "nfnet_test", 0.01, 1, 0.4),
+        ("plain", "nfnet_test", None, 0, 0.5),
+        ("bn", "resnet_bn_nano", None, 0, 0.7),
+    )
+    for name, model, clipping, seed, top1 in runs:
+        params = {"model": {"name": model}, "train": {"global_batch": 64, "seed": seed}}
         params["plan"] = {"clipping": clipping, "peak_lr": 0.1}
         tags = {**tracking.lineage_tags("pretrain"), tracking.TAG_EXPERIMENT_RUN: name}
         run_id = tracking.create_run(uri, "agc_batch", name, params, "{}\n", tags=tags)
         _log(uri, run_id, "val/top1", [(0, top1 / 2), (1, top1)])
+        _log(uri, run_id, "train/grad_norm", [(1, top1 * 10)])
         tracking.end_run(uri, run_id)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("agc_batch").experiment_id
@@ -173,10 +180,24 @@ def test_compare_experiment_draws_the_experiment_figure_and_table(tmp_path: Path
 
     result = analysis.compare_experiment(uri, "agc_batch", tmp_path / "plots")
 
-    assert result["plots"]["agc_batch.png"] == {"with AGC": 1, "without AGC": 1}
+    # Two seeds of the clipped NFNet are one point of its series; the BN ResNet is a series.
+    plots = result["plots"]
+    assert plots["agc_batch.png"] == {"NFNet, AGC": 2, "NFNet, no AGC": 1, "BN ResNet": 1}
+    # At the largest batch, the gradient norms of the NFNet runs only (no train/loss logged).
+    assert plots["agc_batch_curves.png"] == {
+        "agc train/grad_norm": 1,
+        "agc-seed1 train/grad_norm": 1,
+        "plain train/grad_norm": 1,
+    }
     rows = {row["run"]: row for row in result["experiment_rows"]}
     assert (rows["agc"]["clipping"], rows["plain"]["clipping"]) == (0.01, None)
     assert (rows["agc"]["val_top1"], rows["agc"]["batch"]) == (0.6, 64)
+    assert (rows["agc-seed1"]["seed"], rows["bn"]["family"], rows["agc"]["family"]) == (
+        1,
+        "resnet_bn",
+        "nfnet",
+    )
     table = (tmp_path / "plots" / "table.md").read_text()
-    assert "| agc | nfnet_test | 0 | 64 | 0.1 | 0.01 | - | 0.6 |" in table
-    assert (tmp_path / "plots" / "agc_batch.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| agc | nfnet_test | 0 | 64 | 0.1 | 0.01 | 0 | - | 0.6 |" in table
+    for name in ("agc_batch.png", "agc_batch_curves.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG_MAGIC
