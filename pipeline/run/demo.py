@@ -2,15 +2,18 @@
 
 Shards on the local disk, a Ray head on 127.0.0.1 with token authentication (or the one already
 answering on the demo's dashboard port, which must take this user's token), the pretraining run
-and a scratch baseline submitted as Ray jobs, and the scheduler finetuning every checkpoint
-milestone on the tasks in ``jobs/finetune``. Everything lands in one output folder; running it
-again reuses what is already finished.
+and scratch baselines submitted as Ray jobs, and the scheduler finetuning every checkpoint
+milestone on the tasks in ``jobs/finetune``. The headline compares the final checkpoint's
+finetune with scratch, each over ``HEADLINE_SEEDS`` seeds of the finetune (not the best of the
+checkpoints against one draw). Everything lands in one output folder; running it again reuses
+what is already finished.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,8 +36,8 @@ from pipeline.run.ray_cluster import (
     ray_head_answers,
     stop_ray_processes,
 )
-from pipeline.run.schedule import Policy, open_scheduler, watch
-from pipeline.tracking import TAG_KIND
+from pipeline.run.schedule import Policy, finetune_argv, open_scheduler, watch
+from pipeline.tracking import TAG_KIND, TAG_PRETRAIN_STEP
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ EXPERIMENT = "nfnet-demo"  # tracking.experiment of configs/demo.yaml and the fi
 PRETRAIN_CONFIG = "configs/demo.yaml"
 STOP_GRACE_S = 15.0  # for the head's processes to exit on SIGTERM before they are killed
 SCRATCH_CONFIG = "configs/finetune/digits.yaml"
+HEADLINE_SEEDS = (0, 1, 2)  # train.seed of the final checkpoint's finetunes and of scratch
 
 
 class DemoError(RuntimeError):
@@ -107,9 +111,27 @@ def wait_for_marker(path: Path, job_id: str, client, timeout: float = 600) -> st
     raise DemoError(f"pretraining did not start within {timeout} s")
 
 
+def _wait_for(client, jobs: list[str], what: str) -> None:
+    """Wait until every job ended; DemoError with the first failed job's log otherwise."""
+    while not all(job_state(client.get_job_status(job)) in RAY_JOB_ENDED for job in jobs):
+        time.sleep(5)
+    for job in jobs:
+        if job_state(client.get_job_status(job)) not in RAY_JOB_SUCCEEDED:
+            log.error(client.get_job_logs(job)[-3000:])
+            raise DemoError(f"{what} job {job} failed (see above and `ray job logs {job}`)")
+
+
+def _submit_seeded(client, argv: list[str], seed: int) -> str:
+    """Submit a finetune (or scratch) command with ``train.seed``; its Ray job id."""
+    return client.submit_job(
+        entrypoint=shlex.join([*argv, f"train.seed={seed}"]), entrypoint_num_cpus=0.5
+    )
+
+
 def run_jobs(out: Path, shapes: str, digits: str, every: int) -> str:
-    """Submit pretraining and the scratch baseline, finetune every milestone; the pretraining
-    run's MLflow id. A failed job raises DemoError."""
+    """Submit pretraining and the scratch baselines, finetune every milestone, then the final
+    checkpoint with the other headline seeds; the pretraining run's MLflow id. A failed job
+    raises DemoError."""
     client = job_client(DASHBOARD_URL)
     common = [f"checkpoint.storage_url=file://{out}/runs", f"tracking.uri={tracking_uri(out)}"]
     overrides = [f"data.train_url={shapes}", *common]
@@ -122,40 +144,68 @@ def run_jobs(out: Path, shapes: str, digits: str, every: int) -> str:
     log.info(f"pretraining MLflow run: {run_id}")
     scratch = ["python", "-m", "pipeline.finetune", "--config", SCRATCH_CONFIG, "--from", "scratch",
                "--task", "digits", f"data.train_url={digits}", *common]  # fmt: skip
-    scratch_job = client.submit_job(entrypoint=shlex.join(scratch), entrypoint_num_cpus=0.5)
+    scratch_jobs = [_submit_seeded(client, scratch, seed) for seed in HEADLINE_SEEDS]
     scheduler = open_scheduler(
         run_id, ROOT / "jobs/finetune", tracking_uri(out), DASHBOARD_URL, Policy(every=every)
     )
-    code = watch(scheduler, poll=10)
-    while job_state(client.get_job_status(scratch_job)) not in RAY_JOB_ENDED:
-        time.sleep(5)
-    if code != 0 or job_state(client.get_job_status(scratch_job)) not in RAY_JOB_SUCCEEDED:
-        log.error(client.get_job_logs(scratch_job)[-3000:])
-        raise DemoError("a demo job failed (see above and `ray job logs`)")
+    if watch(scheduler, poll=10) != 0:
+        raise DemoError("a scheduled finetune failed (see above and `ray job list`)")
+    # The scheduler finetuned the final checkpoint with the recipe's seed; the other seeds here.
+    final = [
+        finetune_argv(
+            task, run_id, config.train.steps, tracking_uri(out), EXPERIMENT, scheduler.model_name
+        )
+        for task in scheduler.tasks
+    ]
+    seeded = [_submit_seeded(client, argv, seed) for argv in final for seed in HEADLINE_SEEDS[1:]]
+    _wait_for(client, scratch_jobs + seeded, "a headline finetune or scratch")
     return run_id
 
 
-def best_top1(uri: str, experiment: str) -> dict[str, float]:
-    """The best digits validation top-1 of the finished finetune and scratch runs."""
+def headline_top1(uri: str, experiment: str) -> dict[str, list[float]]:
+    """Digits validation top-1 of the finished runs: ``finetune`` from the latest checkpoint
+    (one value per seed), ``scratch`` (per seed), ``step <n>`` for every other checkpoint."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'")
-    best = {"finetune": 0.0, "scratch": 0.0}
+    by_start: dict[str, list[float]] = {}
     for run in runs:
-        kind = run.data.tags.get(TAG_KIND)
-        if kind in best:
-            best[kind] = max(best[kind], run.data.metrics.get("val/top1", 0.0))
-    return best
+        kind, top1 = run.data.tags.get(TAG_KIND), run.data.metrics.get("val/top1")
+        if top1 is None or kind not in ("finetune", "scratch"):
+            continue
+        start = f"step {run.data.tags.get(TAG_PRETRAIN_STEP)}" if kind == "finetune" else kind
+        by_start.setdefault(start, []).append(top1)
+    steps = sorted((k for k in by_start if k.startswith("step ")), key=lambda k: int(k[5:]))
+    if steps:
+        by_start["finetune"] = by_start.pop(steps[-1])
+        by_start["final step"] = [float(steps[-1][5:])]
+    return by_start
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
 
 
 def summary(out: Path, run_id: str, minutes: float) -> str:
     """The demo's closing lines: the margin of finetuned over scratch, where to look next."""
     uri = tracking_uri(out)
-    best = best_top1(uri, EXPERIMENT)
+    top1 = headline_top1(uri, EXPERIMENT)
+    finetuned, scratch = top1.get("finetune", []), top1.get("scratch", [])
+    margin = statistics.fmean(finetuned) - statistics.fmean(scratch) if finetuned and scratch else 0
+    apart = (
+        finetuned and scratch and (min(finetuned) > max(scratch) or max(finetuned) < min(scratch))
+    )
+    final = int(top1.get("final step", [0])[0])
+    others = ", ".join(f"{k} {v[0]:.3f}" for k, v in top1.items() if k.startswith("step "))
     return (
         f"\ndemo finished in {minutes:.1f} min\n"
-        f"digits validation top-1: finetuned from pretraining {best['finetune']:.3f}, "
-        f"scratch {best['scratch']:.3f} (margin {best['finetune'] - best['scratch']:+.3f})\n"
+        f"digits validation top-1, mean (min-max): finetuned from the final checkpoint (step "
+        f"{final}) {_spread(finetuned)}, scratch {_spread(scratch)}; margin {margin:+.3f}, "
+        f"{'outside' if apart else 'within'} the spread of the seeds\n"
+        f"finetuned from the earlier checkpoints (one seed): {others or '-'}\n"
         f"plots: {out / 'plots'}\n"
         f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1  "
         f"(then open http://127.0.0.1:5000)\n"
