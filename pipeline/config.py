@@ -61,10 +61,19 @@ class DataSection(Section):
     crop_min_area: float = Field(
         0.08, gt=0, le=1, description="DM dataset.py: Inception crop area (0.08, 1)"
     )
+    eval_padding: int = Field(
+        32, ge=0, description="DM dataset.py resize_crop_32: resize to test+32, centre-crop test"
+    )
     mixup_alpha: float = Field(0.2, ge=0, description="DM experiment_nfnets.py: Beta(0.2, 0.2)")
     cutmix: bool = Field(True, description="DM: CutMix on the other half of each batch")
     shuffle_buffer: int = Field(1000, ge=0)
     loader_workers: int = Field(2, ge=0)
+    streams: int | None = Field(
+        None,
+        gt=0,
+        description="canonical training streams, fixed for the run's life (resume on any worker "
+        "count keeps the data); a multiple of global/micro batch; None: global/micro batch",
+    )
     train_samples: int | None = Field(None, gt=0, description="epoch size; None: from _info.json")
     augment_before_mix: bool = Field(
         False,
@@ -140,6 +149,17 @@ class CheckpointSection(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     every_steps: int = Field(1000, gt=0)
     keep: int = Field(3, gt=0, description="checkpoints kept by Ray Train")
+    async_upload: bool = Field(
+        True,
+        description="upload in the background while training goes on (a checkpoint counts "
+        "once its upload completed); false: the step waits for the upload",
+    )
+    preemption_check_every: int = Field(
+        10,
+        ge=0,
+        description="steps between checks for a preemption notice (a node of the run drained); "
+        "on one, checkpoint at that step and wait for the restart; 0: never check",
+    )
 
 
 class TrackingSection(Section):

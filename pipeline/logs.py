@@ -13,10 +13,16 @@ QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
 _HANDLER_NAME = "pipeline-console"
 
 
-def configure(level: int = NORMAL) -> None:
-    """Send the ``pipeline`` loggers' records at ``level`` and above to stdout, message only."""
+def configure(level: int = NORMAL, *, propagate: bool = True) -> None:
+    """Send the ``pipeline`` loggers' records at ``level`` and above to stdout, message only.
+
+    ``propagate=False`` makes this the records' only handler: on a Ray Train worker the root
+    logger prints every record to the console too (Ray Train's worker logging), so a record
+    that also reached it would show twice on the driver.
+    """
     logger = logging.getLogger("pipeline")
     logger.setLevel(level)
+    logger.propagate = propagate
     if not any(handler.get_name() == _HANDLER_NAME for handler in logger.handlers):
         handler = _Stdout()
         handler.set_name(_HANDLER_NAME)

@@ -170,7 +170,8 @@ def _plot_largest_batch(comparison: Comparison, rows: Rows) -> Drawn:
                 steps, values = [m.step for m in history], [m.value for m in history]
                 each.plot(steps, values, "-", color=colours[name], alpha=0.8, label=label)
                 series[f"{row['run']} {key}"] = len(history)
-    norm_axes.set_yscale("log")
+    for each in (loss_axes, norm_axes):
+        each.set_yscale("log")  # a diverging run grows by orders of magnitude
     return figure, series
 
 

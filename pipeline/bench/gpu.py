@@ -18,6 +18,10 @@ warm-up steps (which pay for compilation), the ratio to timm's row of the same m
 MFU (``pipeline.train.mfu``: 6 × the forward's multiply-adds × images/s ÷ the device's peak)
 and the peak memory the step allocated.
 
+Under the table, one line says whether the Trainer's step is free of host syncs on the GPU:
+its steps run under ``torch.cuda.set_sync_debug_mode("error")`` (``sync_check``; skipped on
+the CPU, which has no device to sync with).
+
 ``--smoke``: the same code at tiny sizes on the CPU in seconds (our ``nfnet_nano`` against timm's
 NFNet class built with DM's F0 configuration shrunk to nano's stages, 32 px, fp32, compiled with
 Dynamo's ``eager`` backend: the tracing without Inductor's C++ builds); the test suite runs it.
@@ -35,8 +39,10 @@ import os
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -130,12 +136,14 @@ def _seconds_per_step(step: Callable[[], None], setting: Setting) -> float:
     return (time.perf_counter() - started) / setting.steps
 
 
-def pipeline_row(setting: Setting, compiled: bool, channels_last: bool) -> tuple[float, float]:
-    """Seconds per step of the pipeline's Trainer, and its training FLOPs per image."""
+def pipeline_config(
+    setting: Setting, compiled: bool, channels_last: bool, *overrides: str
+) -> RunConfig:
+    """The run config of the pipeline's rows: DM's recipe on synthetic data of the setting."""
     size = setting.resolution
     url = f"synthetic://?samples={setting.batch}&classes={setting.classes}&resolution={size}"
     inductor = compiled and setting.backend == "inductor"
-    config = load_config(
+    return load_config(
         None,
         [
             f"model.name={setting.model}",
@@ -150,9 +158,16 @@ def pipeline_row(setting: Setting, compiled: bool, channels_last: bool) -> tuple
             f"train.compile={str(inductor).lower()}",  # the Trainer's own path on a GPU
             f"optim.clipping={CLIPPING}",
             f"scaling.use_gpu={str(setting.device.type == 'cuda').lower()}",
+            *overrides,
         ],
     )
-    trainer = local_trainer(config)
+
+
+def pipeline_row(setting: Setting, compiled: bool, channels_last: bool) -> tuple[float, float]:
+    """Seconds per step of the pipeline's Trainer, and its training FLOPs per image."""
+    size = setting.resolution
+    inductor = compiled and setting.backend == "inductor"
+    trainer = local_trainer(pipeline_config(setting, compiled, channels_last))
     if compiled and not inductor:
         trainer.model.compile(backend=setting.backend)
     # The first step's micro-batches, as the Trainer's source makes them, moved once.
@@ -256,6 +271,48 @@ def measure(setting: Setting, peak: Peak) -> list[dict[str, float | str]]:
     return rows
 
 
+def sync_check(setting: Setting, checked: int = 3) -> str:
+    """``pass``, or ``FAIL: ...`` naming the first host sync in the Trainer's step.
+
+    The pipeline's Trainer, fed by its own data path (synthetic micro-batches, pinned and
+    copied a step ahead by ``pipeline.train.prefetch``), takes ``setting.warmup`` steps (cuDNN
+    autotuning, the allocator's pools, DeepSpeed's lazy state and compilation may sync), then
+    ``checked`` steps under ``torch.cuda.set_sync_debug_mode("error")``: a read of a device
+    value or a blocking copy anywhere in them raises. None of the checked steps logs or
+    checkpoints, where the Trainer reads its flags and sums on purpose. On the CPU there is no
+    device to sync with: the check is skipped and says so.
+    """
+    if setting.device.type != "cuda":
+        return "skipped (no CUDA device: the CPU has nothing to sync with)"
+    total = setting.warmup + checked + 1  # never the last step, which always logs
+    quiet = (f"train.steps={total}", f"train.log_every={total}", f"checkpoint.every_steps={total}")
+    trainer = local_trainer(pipeline_config(setting, True, False, *quiet))
+    steps = trainer.batches.steps(0)
+    for _ in range(setting.warmup):
+        trainer.run_step(steps)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(checked):
+            trainer.run_step(steps)
+    except RuntimeError as error:
+        return f"FAIL: {str(error).splitlines()[0]} ({_where(error)})"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return "pass"
+
+
+def _where(error: BaseException) -> str:
+    """The innermost frame of ``error`` and the innermost of this project's that led to it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames if "/pipeline/" in frame.filename]
+    text = f"in {'/'.join(Path(frames[-1].filename).parts[-2:])}:{frames[-1].lineno}"
+    if ours and ours[-1] is not frames[-1]:
+        text += f", called from {Path(ours[-1].filename).name}:{ours[-1].lineno}"
+    return text
+
+
 def format_table(rows: list[dict[str, float | str]]) -> str:
     """The rows as one text table."""
     lines = [f"  {'row':26s} {'images/s':>10s} {'vs timm':>8s} {'MFU':>7s} {'peak GiB':>9s}"]
@@ -305,6 +362,7 @@ def main(argv: list[str]) -> dict:
     peak = device_peak(setting.device, setting.precision, args.peak_tflops)
     with single_process_group(setting.device):
         rows = measure(setting, peak)
+        sync = sync_check(setting)
     name = torch.cuda.get_device_name() if setting.device.type == "cuda" else "CPU"
     peak_text = "unknown" if peak.tflops is None else f"{peak.tflops:.4g} TFLOP/s"
     print(
@@ -313,4 +371,6 @@ def main(argv: list[str]) -> dict:
         f"backend {setting.backend}; peak {peak_text} ({peak.source})"
     )
     print(format_table(rows))
-    return {"device": name, "peak_tflops": peak.tflops, "peak_source": peak.source, "rows": rows}
+    print(f"  sync-free training step (torch.cuda.set_sync_debug_mode('error')): {sync}")
+    figures = {"device": name, "peak_tflops": peak.tflops, "peak_source": peak.source}
+    return figures | {"rows": rows, "sync_free_step": sync}

@@ -2,12 +2,15 @@
 
 ``make_train_loader`` and ``make_eval_loader`` check their arguments, read the shard set's
 ``_info.json`` and wrap the streams of ``pipeline.data.streams`` (the determinism and resume
-contract is described there) in a DataLoader. ``loader.skipped()`` reads the skip counts that
-every loader worker adds to in shared memory; they grow as the loader is iterated.
+contract is described there) in a DataLoader. A training loader runs at most as many processes as
+its rank owns canonical streams, and a number that divides them, so that each stream belongs to
+one process. ``loader.skipped()`` reads the skip counts that every loader worker adds to in
+shared memory; they grow as the loader is iterated.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -15,8 +18,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.info import TRAIN_SPLIT, VALIDATION_SPLIT, read_info
 from pipeline.data.mixing import TrainRecipe
-from pipeline.data.streams import EvalStream, Shards, TrainStream
-from pipeline.data.transforms import CROP_AREA, InceptionCrop, eval_transform
+from pipeline.data.streams import EvalStream, Layout, Shards, TrainStream
+from pipeline.data.transforms import CROP_AREA, EVAL_PADDING, InceptionCrop, eval_transform
+
+log = logging.getLogger(__name__)
 
 
 class ShardLoader:
@@ -107,6 +112,8 @@ def make_train_loader(
     augment_before_mix: bool = False,
     shuffle_buffer: int = 1000,
     start_batch: int = 0,
+    accumulation: int = 1,
+    streams: int | None = None,
     storage_options: dict | None = None,
     pin_memory: bool = False,
     allow_pipe: bool = False,
@@ -116,6 +123,11 @@ def make_train_loader(
     num_classes: int | None = None,
 ) -> TrainLoader:
     """Exactly ``batches_per_epoch - start_batch`` training batches of this rank for ``epoch``.
+
+    Batch ``i`` of the rank is slot ``i mod accumulation`` of step ``i div accumulation``: global
+    micro-batch ``slot x world_size + rank`` of the step, made by one of the run's ``streams``
+    canonical streams (a multiple of ``world_size x accumulation``; None: that product). Its
+    tensors depend on neither ``world_size`` nor ``num_workers`` (``pipeline.data.streams``).
 
     ``url`` is a shard set written by ``write_shards`` (any fsspec URL; ``storage_options`` go
     to the filesystem). With ``allow_pipe=True`` it may be a ``pipe:`` command template in which
@@ -133,6 +145,8 @@ def make_train_loader(
         batches_per_epoch=batches_per_epoch,
         world_size=world_size,
         resolution=resolution,
+        accumulation=accumulation,
+        streams=streams or 1,
     )
     if not 0 <= rank < world_size or not 0 <= start_batch <= batches_per_epoch:
         raise ValueError(
@@ -141,6 +155,13 @@ def make_train_loader(
         )
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    layout = Layout(rank, world_size, accumulation, streams)
+    processes = layout.loader_processes(num_workers)
+    if processes != num_workers:
+        log.info(
+            f"rank {rank}: {processes} loader processes instead of {num_workers}: they share "
+            f"the rank's {layout.num_streams // world_size} canonical streams"
+        )
     recipe = TrainRecipe(
         randaugment_layers,
         randaugment_magnitude,
@@ -161,15 +182,14 @@ def make_train_loader(
         batch_size=batch_size,
         batches_per_epoch=batches_per_epoch,
         start_batch=start_batch,
-        rank=rank,
-        world_size=world_size,
+        layout=layout,
         epoch=epoch,
         seed=seed,
         transform=InceptionCrop(resolution, crop_min_area),
         recipe=recipe,
         shuffle_buffer=shuffle_buffer,
     )
-    return TrainLoader(dataset, num_workers, pin_memory, batches_per_epoch - start_batch)
+    return TrainLoader(dataset, processes, pin_memory, batches_per_epoch - start_batch)
 
 
 def make_eval_loader(
@@ -185,6 +205,7 @@ def make_eval_loader(
     allow_pipe: bool = False,
     split: str = VALIDATION_SPLIT,
     prefetch_shards: int = 0,
+    eval_padding: int = EVAL_PADDING,
 ) -> ShardLoader:
     """Every sample of ``split`` exactly once across ranks x workers (last batches may be short).
 
@@ -199,6 +220,6 @@ def make_eval_loader(
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
-        transform=eval_transform(resolution),
+        transform=eval_transform(resolution, eval_padding),
     )
     return ShardLoader(dataset, num_workers, pin_memory, None)

@@ -1,20 +1,42 @@
-"""The datasets behind the loaders: a resumable seeded training stream, an exact-once eval stream.
+"""The datasets behind the loaders: canonical training streams, an exact-once eval stream.
 
-Training. Shard order: pass ``p`` over the split is a permutation drawn from (seed, epoch, p), the
-same on every rank; the passes are concatenated and stream ``i`` of ``n`` = world_size x workers
-takes every ``n``-th entry, so streams read disjoint shards within a pass and the stream never
-ends. Samples go through a shuffle buffer seeded by (seed, epoch, rank, stream); each sample's
-crop, and the mixing and RandAugment of the output it is the own image of, are seeded by (seed,
-epoch, rank, stream, position). A batch of B outputs takes ``recipe.images_per_output`` x B
-samples (2B in DM's order: disjoint pairs), crops each, and hands them to the ``TrainRecipe``
-(``pipeline.data.mixing``); images stay uint8 until the recipe is done, then the batch is
-normalised in one vectorised step straight into shared memory.
+Training: elastic determinism. Global micro-batch ``g`` (``0 <= g < M``, ``M = global batch /
+micro-batch``) of step ``s`` of an epoch holds the same samples, cropped, mixed and augmented
+alike, however many ranks and loader processes serve the run: it depends only on the seed, the
+epoch, ``s``, ``g`` and the run's number of canonical streams ``C``, a multiple of ``M`` fixed at
+the run's start (``data.streams``; by default ``C = M``).
 
-Batch ``g`` of a rank comes from stream ``g mod workers``; with ``start_batch = j`` the physical
-worker ``w`` serves stream ``(w + j) mod workers``, so the DataLoader's round-robin hands out
-batches j, j+1, ... in order, and each stream skips its first batches by checking (not decoding
-in full, not augmenting) the samples they would hold. Hence ``start_batch = j`` yields exactly
-the tensors an uninterrupted stream yields from batch ``j`` on.
+Which stream. Micro-batch ``(s, g)`` is entry ``j = s·M + g`` of the epoch's sequence of
+micro-batches, and canonical stream ``c = j mod C`` makes it as its batch number ``j div C``. With
+``C = M``, stream ``g`` makes micro-batch ``g`` of every step.
+
+A stream. Pass ``p`` over the split's shards is a permutation drawn from (seed, epoch, p); the
+passes are concatenated and stream ``c`` takes every ``C``-th entry from entry ``c``, so streams
+read disjoint shards within a pass (given at least ``C`` shards) and never end. Its samples go
+through a shuffle buffer seeded by (seed, epoch, c); each sample's crop, and the mixing and
+RandAugment of the output it is the own image of, are seeded by (seed, epoch, c, position in the
+stream). A batch of B outputs takes
+``recipe.images_per_output`` x B samples (2B in DM's order: disjoint pairs), crops each, and hands
+them to the ``TrainRecipe`` (``pipeline.data.mixing``); images stay uint8 until the recipe is
+done, then the batch is normalised in one vectorised step straight into shared memory.
+
+Who serves it. Rank ``r`` of ``W`` accumulates ``A = M / W`` micro-batches per step, its slot
+``a`` being global micro-batch ``a·W + r`` (the index the trainer seeds dropout and stochastic
+depth with). ``W`` divides ``M`` and so ``C``: stream ``c`` belongs to rank ``c mod W``, which
+owns ``C / W`` streams. Batch ``i`` of a rank comes from its loader process ``i mod L`` (the
+DataLoader's round-robin); with ``L`` a divisor of ``C / W`` every stream belongs to one process,
+which hands out its streams' batches in position order. ``Layout.loader_processes`` lowers a
+requested ``L`` to the largest such divisor (more processes than streams would have nothing to
+do). Each process keeps one generator per stream it owns.
+
+Resume. With ``start_batch = i`` each stream starts at the first batch it makes at or after
+batch ``i`` of the rank, skipping the batches before it by checking (not decoding in full, not
+augmenting) the samples they would hold. Hence a rank yields exactly the tensors an
+uninterrupted rank yields from batch ``i`` on, and a run resumed on another number of ranks or
+loader processes continues with exactly the micro-batches it would have had.
+
+Cost. Every stream holds its own shuffle buffer (``shuffle_buffer`` encoded samples), its shard
+being read and ``prefetch_shards`` shards fetched ahead: a rank holds ``C / W`` of each.
 
 Skip counts go to a ``SkipCounter`` in shared memory that every loader worker adds to. A sample
 counts as usable when its label parses and ``check_image`` passes, in the skipped batches too,
@@ -113,6 +135,48 @@ def _worker() -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a rank's batches map onto the run's canonical streams (see the module docstring).
+
+    ``accumulation`` micro-batches per step on each of ``world_size`` ranks; ``streams`` is the
+    run's canonical stream count (None: one per micro-batch of a step).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    accumulation: int = 1
+    streams: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_streams % self.micro_batches:
+            raise ValueError(
+                f"streams={self.streams} must be a multiple of the micro-batches of a step, "
+                f"{self.world_size} ranks x {self.accumulation} = {self.micro_batches}"
+            )
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches of one step over all ranks (``M``)."""
+        return self.world_size * self.accumulation
+
+    @property
+    def num_streams(self) -> int:
+        """Canonical streams of the run (``C``)."""
+        return self.streams or self.micro_batches
+
+    def locate(self, batch: int) -> tuple[int, int]:
+        """``(stream, its batch number)`` of this rank's ``batch``-th batch of the epoch."""
+        step, slot = divmod(batch, self.accumulation)
+        entry = step * self.micro_batches + slot * self.world_size + self.rank
+        return entry % self.num_streams, entry // self.num_streams
+
+    def loader_processes(self, requested: int) -> int:
+        """The largest divisor of this rank's stream count up to ``requested`` (0 stays 0)."""
+        own = self.num_streams // self.world_size
+        return max(n for n in range(1, min(requested, own) + 1) if own % n == 0) if requested else 0
+
+
+@dataclass(frozen=True)
 class Shards:
     """One split's shards, how to read them, and the skip counter every loader worker adds to."""
 
@@ -175,7 +239,7 @@ class Shards:
 
 
 class TrainStream(IterableDataset):
-    """The rank's training batches for one epoch (see the module docstring)."""
+    """A rank's training batches for one epoch (see the module docstring)."""
 
     def __init__(
         self,
@@ -184,18 +248,16 @@ class TrainStream(IterableDataset):
         batch_size: int,
         batches_per_epoch: int,
         start_batch: int,
-        rank: int,
-        world_size: int,
+        layout: Layout,
         epoch: int,
         seed: int,
         transform: Callable[[torch.Tensor], torch.Tensor],
         recipe: TrainRecipe,
         shuffle_buffer: int,
     ) -> None:
-        self.shards = shards
+        self.shards, self.layout = shards, layout
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.start_batch = start_batch
-        self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.start_batch, self.epoch, self.seed = start_batch, epoch, seed
         self.transform, self.recipe, self.shuffle_buffer = transform, recipe, shuffle_buffer
 
     def _raw_samples(self, order: Iterator[int], patience: int) -> Iterator[dict]:
@@ -210,26 +272,21 @@ class TrainStream(IterableDataset):
             if empty > patience:
                 raise RuntimeError(f"{url}: no shard of the split holds a sample")
 
-    def _samples(self, stream: int, num_workers: int) -> Iterator[tuple[bytes, int]]:
-        index, count = self.rank * num_workers + stream, len(self.shards.urls)
-        order = shard_sequence(count, self.seed, self.epoch, index, self.world_size * num_workers)
-        raw = self._raw_samples(order, 2 * count + self.world_size * num_workers)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, stream, _SHUFFLE])
+    def _samples(self, stream: int) -> Iterator[tuple[bytes, int]]:
+        count, streams = len(self.shards.urls), self.layout.num_streams
+        order = shard_sequence(count, self.seed, self.epoch, stream, streams)
+        raw = self._raw_samples(order, 2 * count + streams)
+        rng = np.random.default_rng([self.seed, self.epoch, stream, _SHUFFLE])
         return shuffled(self.shards.labelled(raw), self.shuffle_buffer, rng)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, MixTargets]]:
-        worker, num_workers = _worker()
-        stream = (worker + self.start_batch) % num_workers
-        first = self.start_batch + worker  # the first global batch index this worker serves
-        remaining = max(0, -(-(self.batches_per_epoch - first) // num_workers))
+    def _stream(self, stream: int, first: int) -> Iterator[tuple[int, tuple]]:
+        """``(number, batch)`` of canonical ``stream`` from its batch ``first`` on, endlessly."""
         per_batch = self.batch_size * self.recipe.images_per_output  # usable samples
-        to_skip = ((first - stream) // num_workers) * per_batch
-        images, labels, seeds, produced = [], [], [], 0
-        if remaining == 0:
-            return
+        to_skip, number = first * per_batch, first
+        images, labels, seeds = [], [], []
         counter = self.shards.counter
         patience, last_usable = 2 * self.shards.num_samples + self.shuffle_buffer + 100, 0
-        for position, (data, label) in enumerate(self._samples(stream, num_workers)):
+        for position, (data, label) in enumerate(self._samples(stream)):
             if position - last_usable > patience:
                 raise RuntimeError(
                     f"{self.shards.urls[0]} (and the other shards of the split): no usable "
@@ -246,16 +303,33 @@ class TrainStream(IterableDataset):
             if image is None:
                 continue
             last_usable = position
-            seed = sample_seed(_AUGMENT, self.seed, self.epoch, self.rank, stream, position)
+            seed = sample_seed(_AUGMENT, self.seed, self.epoch, stream, position)
             images.append(_seeded(self.transform, image, seed))
             labels.append(label)
             seeds.append(seed)
             if len(images) == per_batch:
                 pixels, targets = self.recipe(images, labels, seeds)
-                yield _normalised(pixels), targets
-                images, labels, seeds, produced = [], [], [], produced + 1
-                if produced == remaining:
-                    return
+                yield number, (_normalised(pixels), targets)
+                images, labels, seeds, number = [], [], [], number + 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, MixTargets]]:
+        worker, processes = _worker()
+        owned: dict[int, Iterator[tuple[int, tuple]]] = {}
+        try:
+            for batch in range(self.start_batch + worker, self.batches_per_epoch, processes):
+                stream, number = self.layout.locate(batch)
+                if stream not in owned:
+                    owned[stream] = self._stream(stream, number)
+                made, produced = next(owned[stream])
+                if made != number:  # only a layout whose processes share a stream gets here
+                    raise RuntimeError(
+                        f"stream {stream} made batch {made} where batch {number} was due; "
+                        f"{processes} loader processes do not divide its streams ({self.layout})"
+                    )
+                yield produced
+        finally:
+            for generator in owned.values():
+                generator.close()  # stops the streams' shard prefetching now, not at collection
 
 
 class EvalStream(IterableDataset):

@@ -83,9 +83,13 @@ class InceptionCrop:
         return F.horizontal_flip(image) if flip else image
 
 
-def eval_transform(resolution: int) -> Callable:
-    """uint8 (3, H, W) tensor -> squash-resize to (R + 32)^2, centre crop to R."""
-    size = resolution + EVAL_PADDING
+def eval_transform(resolution: int, padding: int = EVAL_PADDING) -> Callable:
+    """uint8 (3, H, W) tensor -> squash-resize to (R + padding)^2, centre crop to R.
+
+    DM's 32 pixels keep 87.5 % of the side at 224 px but only the central half at 32 px: small
+    images (the laptop demo and experiments) take a smaller padding, 0 for the whole image.
+    """
+    size = resolution + padding
     return v2.Compose(
         [
             v2.Resize((size, size), interpolation=BICUBIC, antialias=True),

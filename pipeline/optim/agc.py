@@ -4,7 +4,7 @@ Every clip here is computed the same way, vectorised over parameters: one per-un
 tensor (no host syncs), the norms of a bucket of tensors concatenated into one flat vector, the
 clip factors computed on that vector in a handful of ops, then split back into per-tensor views
 that multiply the gradients in place. On accelerators nothing in ``SGD_AGC.step`` reads a value
-back to the host (except the one finiteness flag of ``skip_nonfinite``); on CPU, where a read
+back to the host, the NaN/Inf skip included (it is decided on the device); on CPU, where a read
 costs no device sync, one read per bucket lets the scaling skip tensors in which no unit clipped.
 """
 
@@ -192,9 +192,13 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
 
     With ``skip_nonfinite`` a step whose raw gradient norm is NaN or Inf (a NaN or Inf anywhere
     in any gradient, or a norm beyond float32's range) changes nothing: parameters and momentum
-    stay as they were and ``last_step_skipped`` is True. That costs one host read per step (as
-    a mixed-precision loss scaler's overflow check does). Under data parallelism the gradients
-    are already all-reduced here, so every rank takes the same decision without a collective.
+    stay exactly as they were. The decision is taken on the device, without a host read: the
+    update is torch's fused SGD kernel, which reads the ``found_inf`` flag on the device and
+    leaves its tensors untouched when it is set (the mechanism torch's GradScaler uses with
+    fused optimizers). ``last_step_skipped`` is that flag as a 0-d bool tensor on the device
+    (``bool()`` of it is a host read: take it when the value is needed, at log time). Under data
+    parallelism the gradients are already all-reduced here, so every rank takes the same
+    decision without a collective.
     """
 
     def __init__(
@@ -222,7 +226,7 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
                 raise ValueError(f"SGD_AGC: param group {index}: weight_decay must be >= 0")
         self.skip_nonfinite = skip_nonfinite
         self.last_stats: dict[str, torch.Tensor] = {}
-        self.last_step_skipped = False
+        self.last_step_skipped = torch.zeros((), dtype=torch.bool)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -244,41 +248,72 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name the paper and DM o
                 squares = torch.stack(torch._foreach_norm(grads)).float().square().sum()
             sum_squares.append(squares)
             updates.append((group, params, grads))
-        self.last_step_skipped = False
         if not sum_squares:
+            self.last_step_skipped = torch.zeros((), dtype=torch.bool)
             return loss
         total = torch.stack(sum_squares).sum()
         count = torch.stack(clipped).sum() if clipped else torch.zeros((), device=total.device)
         self.last_stats = _stats(total, count, units)
         # Every update waits for every clip: the whole gradient's norm decides the skip.
-        if self.skip_nonfinite and not bool(torch.isfinite(total)):
-            self.last_step_skipped = True
-            return loss
+        found_inf = None
+        if self.skip_nonfinite:
+            self.last_step_skipped = ~torch.isfinite(total)
+            found_inf = self.last_step_skipped.to(torch.float32)  # the fused kernel's flag type
+        else:
+            self.last_step_skipped = torch.zeros((), dtype=torch.bool, device=total.device)
         for group, params, grads in updates:
-            self._update(group, params, grads)
+            self._update(group, params, grads, found_inf)
         return loss
 
-    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Weight decay, momentum and the step, with foreach ops over the group."""
-        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"] or 0.0
-        # DM optim.py SGD: decay is added to the (already clipped) gradient; a new list, so the
-        # caller's .grad keeps only the clip.
-        direction = torch._foreach_add(grads, params, alpha=decay) if decay else grads
-        if momentum:
-            buffers = [self._buffer(p) for p in params]
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_add_(buffers, direction)
-            if group["nesterov"] and direction is grads:
-                direction = torch._foreach_add(direction, buffers, alpha=momentum)
-            elif group["nesterov"]:
-                torch._foreach_add_(direction, buffers, alpha=momentum)
-            else:
-                direction = buffers
-        torch._foreach_add_(params, direction, alpha=-lr)
+    def _update(
+        self,
+        group: dict,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        """Weight decay, momentum and the step, in one fused kernel per dtype; nothing moves
+        where ``found_inf`` is 1.
+
+        DM optim.py SGD, as torch's fused SGD computes it with dampening 0: ``g += decay * W``
+        (on a copy: the caller's .grad keeps only the clip), ``b = momentum * b + g``, then
+        ``W -= lr * (g + momentum * b)`` (Nesterov) or ``W -= lr * b``. The buffers start at zero
+        (DM optim.py), so the first step moves by ``g`` as torch's first-step copy would.
+        """
+        momentum = group["momentum"]
+        by_dtype: dict[torch.dtype, tuple[list, list, list]] = {}
+        for param, grad in zip(params, grads, strict=True):
+            lists = by_dtype.setdefault(param.dtype, ([], [], []))
+            lists[0].append(param)
+            # The fused kernel walks param, grad and buffer in memory order: same strides needed.
+            lists[1].append(grad if grad.stride() == param.stride() else _like(param, grad))
+            if momentum:
+                lists[2].append(self._buffer(param))
+        for tensors, grad_list, buffers in by_dtype.values():
+            torch._fused_sgd_(
+                tensors,
+                grad_list,
+                buffers,
+                weight_decay=group["weight_decay"] or 0.0,
+                momentum=momentum,
+                lr=group["lr"],
+                dampening=0.0,
+                nesterov=bool(group["nesterov"] and momentum),
+                maximize=False,
+                is_first_step=False,
+                found_inf=found_inf,
+            )
 
     def _buffer(self, param: torch.Tensor) -> torch.Tensor:
         state = self.state[param]
         if "momentum_buffer" not in state:
             # DM optim.py: the momentum state starts at zero, so the first step moves by g.
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        elif state["momentum_buffer"].stride() != param.stride():  # e.g. loaded from a file
+            state["momentum_buffer"] = _like(param, state["momentum_buffer"])
         return state["momentum_buffer"]
+
+
+def _like(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` copied into a tensor with ``param``'s memory layout."""
+    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(values)

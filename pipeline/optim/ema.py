@@ -26,12 +26,29 @@ class ModelEma:
         self.module.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        """Move every EMA parameter and float buffer towards ``model``'s, with the warmed decay."""
+    def update(
+        self, model: torch.nn.Module, step: int, skipped: torch.Tensor | None = None
+    ) -> None:
+        """Move every EMA parameter and float buffer towards ``model``'s, with the warmed decay.
+
+        ``skipped`` (a 0-d bool tensor, the optimizer's NaN/Inf flag) leaves every EMA tensor
+        exactly as it was where it is True, decided on the device: the lerp weight is 0 there.
+        """
         decay = ema_decay_at(self.decay, step)
         ema_tensors, tensors = self._pairs(model)
         # ema * d + x * (1 - d) == lerp(ema, x, 1 - d), one foreach pass over all tensors.
-        torch._foreach_lerp_(ema_tensors, tensors, 1.0 - decay)
+        if skipped is None:
+            torch._foreach_lerp_(ema_tensors, tensors, 1.0 - decay)
+            return
+        # lerp(ema, x, 0) is ema bit for bit (ema + 0 * (x - ema)) for the finite x a skipped
+        # step leaves in the model. One weight tensor per dtype and device, as lerp needs (on
+        # CUDA torch runs this form one kernel per tensor: launches, still no host read).
+        weight = (~skipped).to(torch.float64) * (1.0 - decay)  # rounded once, per dtype below
+        kinds = {(t.dtype, t.device) for t in ema_tensors}
+        weights = {(dtype, device): weight.to(device, dtype) for dtype, device in kinds}
+        torch._foreach_lerp_(
+            ema_tensors, tensors, [weights[t.dtype, t.device] for t in ema_tensors]
+        )
 
     def _pairs(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ema_state = self.module.state_dict(keep_vars=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,10 @@ def default_run_name(config: RunConfig, kind: str, origin: dict[str, Any] | None
         return config.tracking.run_name
     settings = config.model_dump(mode="json")
     settings["train"].pop("stop_after")  # stopping early and resuming is the same run
+    # Neither changes the data or the parameters (pipeline.data.streams): the same command on
+    # another worker count resumes the same run.
+    settings["scaling"].pop("num_workers")
+    settings["data"].pop("loader_workers")
     settings["tracking"].pop("uri")  # the same store, however its path is written
     identity = {"config": settings, "origin": {k: v for k, v in (origin or {}).items() if v}}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode())
@@ -116,6 +121,28 @@ def open_mlflow_run(
     return run_id, None
 
 
+def open_run_and_connect(
+    config: RunConfig, plan: Plan, run_name: str, tags: dict[str, str]
+) -> tuple[str, str | None]:
+    """``open_mlflow_run``, and Ray joined or started unless the run has finished already.
+
+    A new run's MLflow run opens in a thread while Ray starts: each takes seconds (MLflow's
+    first use of a database creates its tables; a local cluster starts a dozen processes) and
+    neither needs the other. A run that exists is looked up first: a finished one starts
+    nothing.
+    """
+    marker = f"{run_url(config, run_name)}/{RUN_ID_FILE}"
+    new_run = not url_exists(marker, config.checkpoint.storage_options)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-mlflow-run") as pool:
+        opening = pool.submit(open_mlflow_run, config, plan, run_name, tags)
+        if new_run:
+            connect_ray(config.scaling.ray_address)
+        run_id, previous = opening.result()
+    if not new_run and previous != "FINISHED":
+        connect_ray(config.scaling.ray_address)
+    return run_id, previous
+
+
 def launch(
     config: RunConfig,
     plan: Plan,
@@ -134,13 +161,13 @@ def launch(
     # Workers (and Ray jobs) run in directories of their own: a SQLite path must be absolute.
     config.tracking.uri = absolute_sqlite_uri(config.tracking.uri)
     run_name = default_run_name(config, kind, {"tags": tags, "init": init})
-    run_id, previous = open_mlflow_run(config, plan, run_name, {TAG_KIND: kind, **(tags or {})})
+    run_tags = {TAG_KIND: kind, **(tags or {})}
+    run_id, previous = open_run_and_connect(config, plan, run_name, run_tags)
     if previous == "FINISHED":
         log.info(f"run {run_name} (MLflow {run_id}) has already finished; nothing to do")
         return LaunchResult(run_id, run_name, None, {})
     if previous is not None:
         log.info(f"resuming run {run_name} (MLflow {run_id}, was {previous})")
-    connect_ray(config.scaling.ray_address)
     storage_path, filesystem = storage_target(
         config.checkpoint.storage_url, config.checkpoint.storage_options
     )

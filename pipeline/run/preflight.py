@@ -3,8 +3,10 @@
 ``prepare`` reads the config, resolves it into a plan and checks every URL the run will touch
 before anything is started: each URL has a scheme its library serves (fsspec for data and
 checkpoints, MLflow for tracking), and what must exist exists (the dataset's ``_info.json``, a
-writable checkpoint folder, a tracking server or database that answers, the Ray cluster). The dry
-run stops after these checks. Each refusal is a ConfigError naming the key and the URL.
+writable checkpoint folder, a tracking server or database that answers, the Ray cluster). A run
+that resumes keeps the global batch, lr and AGC λ of its checkpoints (another worker count is
+fine). The dry run stops after these checks. Each refusal is a ConfigError naming the key and
+the URL.
 
 Storage and Ray clients retry a refused connection for a minute or more (s3fs and botocore each
 retry, Ray waits for its GCS), which is right mid-run and wrong for a typo at start-up: an
@@ -25,12 +27,21 @@ import yaml
 
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.data.info import read_info
-from pipeline.data.storage import StorageError, atomic_write_bytes, remove_url
+from pipeline.data.storage import (
+    StorageError,
+    atomic_write_bytes,
+    find_files,
+    read_bytes,
+    remove_url,
+)
+from pipeline.data.streams import Layout
+from pipeline.run.launch import run_url
 from pipeline.run.ray_cluster import check_token
 from pipeline.tracking import TrackingError, check_tracking_uri, redact
 from pipeline.tracking.redact import redact_text
 from pipeline.train.batches import SYNTHETIC, describe_dataset
-from pipeline.train.plan import Plan, deepspeed_config, make_plan
+from pipeline.train.checkpoint import STATE_FILE
+from pipeline.train.plan import Plan, deepspeed_config, make_plan, resume_conflict
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +188,28 @@ def check_reachable(config: RunConfig) -> None:
         raise ConfigError(f"tracking.uri: {exc}") from exc
 
 
+def check_resume(config: RunConfig, plan: Plan) -> None:
+    """A run named by ``tracking.run_name`` resumes only with what its newest checkpoint was
+    trained with but the worker count (``pipeline.train.plan.RESUME_KEEPS``). An unnamed run's
+    name hashes its config, so a change there starts a new run instead."""
+    name = config.tracking.run_name
+    if not name:
+        return
+    folder, options = run_url(config, name), config.checkpoint.storage_options
+    states = [
+        path
+        for path in find_files(folder, options)
+        if path.startswith("step_") and path.endswith(f"/{STATE_FILE}")
+    ]
+    if not states:
+        return
+    newest = f"{folder}/{max(states)}"  # step_<9 digits>: the newest sorts last
+    saved = json.loads(read_bytes(newest, options)).get("plan", {})
+    conflict = resume_conflict(saved, plan)
+    if conflict:
+        raise ConfigError(f"tracking.run_name={name!r} resumes {redact(newest)}: {conflict}")
+
+
 def check_cluster(config: RunConfig) -> None:
     """The Ray cluster answers and, when GPUs are asked for, has one per worker."""
     scaling = config.scaling
@@ -215,6 +248,8 @@ def check_cluster(config: RunConfig) -> None:
 
 def describe_plan(config: RunConfig, plan: Plan) -> str:
     """The dry run's report: resolved config, DeepSpeed config, scaling plan."""
+    own = plan.train_streams // plan.num_workers
+    layout = Layout(0, plan.num_workers, plan.accumulation_steps, plan.train_streams)
     return "\n".join(
         [
             "# resolved config\n"
@@ -223,6 +258,10 @@ def describe_plan(config: RunConfig, plan: Plan) -> str:
             "# scaling plan\n"
             f"global batch {plan.global_batch} = micro-batch {plan.micro_batch} × accumulation "
             f"{plan.accumulation_steps} × workers {plan.num_workers}\n"
+            f"data: {plan.train_streams} canonical streams (any worker count dividing "
+            f"{plan.global_batch // plan.micro_batch} resumes with the same data), {own} per "
+            f"worker, {layout.loader_processes(config.data.loader_workers)} loader processes "
+            "each\n"
             f"peak lr {plan.peak_lr:g}  AGC λ {plan.clipping}  warm-up {plan.warmup_steps} steps\n"
             f"{plan.train_samples} training samples: {plan.steps_per_epoch} steps/epoch, "
             f"{plan.total_steps} steps in all\n"
@@ -250,6 +289,7 @@ def prepare(
         if dry_run:
             log.info(describe_plan(config, plan))
         check_reachable(config)
+        check_resume(config, plan)
         check_cluster(config)
     except (ConfigError, StorageError) as exc:
         raise ConfigError(f"{config_path}: {exc}") from None

@@ -1,7 +1,11 @@
 """Where a worker's micro-batches come from: the shard stream, or in-memory synthetic tensors.
 
 Both sources hand out, for optimizer step ``s``, the worker's ``accumulation_steps``
-micro-batches, and can start at any step (resume without repeated or skipped samples).
+micro-batches, and can start at any step (resume without repeated or skipped samples). Slot
+``a`` of worker ``r`` of ``W`` is global micro-batch ``m = a·W + r``, and what ``m`` of step
+``s`` holds depends on neither ``W`` nor the loader processes: a run resumes on another worker
+count with the data it would have had (for shards: the canonical streams of
+``pipeline.data.streams``, ``plan.train_streams`` of them).
 
 Both go through the same ``TrainRecipe`` (``pipeline.data.mixing``: MixUp/CutMix and DM's
 RandAugment, in the configured order), so a micro-batch is ``(normalised images, MixTargets)``.
@@ -204,6 +208,8 @@ class ShardBatches:
             batch_size=plan.micro_batch,
             batches_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
             start_batch=start_batch,
+            accumulation=plan.accumulation_steps,
+            streams=plan.train_streams,
             epoch=epoch,
             seed=self.seed,
             resolution=plan.train_resolution,
@@ -238,6 +244,7 @@ class ShardBatches:
                 self.val_url,
                 batch_size=plan.micro_batch,
                 resolution=plan.test_resolution,
+                eval_padding=self.config.data.eval_padding,
                 **self.reading,
             )
         )

@@ -2,11 +2,17 @@
 
 A checkpoint directory holds ``model.safetensors`` (the raw weights), ``ema.safetensors`` (the
 EMA weights), ``optimizer.safetensors`` (per-parameter optimizer state, keyed by parameter name)
-and ``state.json`` (step, MLflow run id, the plan). Ray Train uploads the directory to storage
-only after it is complete, so a crash while writing never replaces the latest valid checkpoint.
-A checkpoint holding a NaN or Inf is refused before anything is written: resuming from it could
-only produce NaN. The upload is retried through a storage outage (``upload_with_retries``); what
-still fails names the checkpoint's URL.
+and ``state.json`` (step, MLflow run id, the plan). A checkpoint holding a NaN or Inf is refused
+before anything is written: resuming from it could only produce NaN.
+
+Rank 0 stages each checkpoint into a local folder at the step boundary (``stage``: the tensors
+are written out before training touches them again), then hands it to Ray Train
+(``Uploads.report``), which uploads it — in its background thread under
+``checkpoint.async_upload``, while training goes on — and registers it as the restart point
+only once the upload completed: a crash or a failed upload never makes a half checkpoint the
+one a restart picks. The upload is retried through a storage outage (``persist``); what still
+fails names the checkpoint's URL. The metrics up to the checkpoint's step reach MLflow before
+the upload starts, and the milestone the finetune scheduler watches only after it completed.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +38,6 @@ STATE_FILE = "state.json"
 # The weights files of a checkpoint folder, by which weights they hold (pipeline.tracking
 # WEIGHTS: "ema" or "raw").
 WEIGHTS_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
-
-
-@contextlib.contextmanager
-def staging_dir() -> Iterator[str]:
-    """A fresh local directory, removed afterwards, to assemble a checkpoint in."""
-    directory = tempfile.mkdtemp(prefix="nfnet-ckpt-")
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,8 +98,42 @@ def load(directory: str, model, optimizer, ema) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def upload_with_retries(url: str) -> Callable[[Any, str], Any]:
-    """A ``checkpoint_upload_fn`` for ``ray.train.report``: Ray Train's own upload, retried.
+def stage(model, optimizer, ema, state: dict[str, Any]) -> str:
+    """Write one checkpoint into a fresh local folder and return it: a copy of weights, optimizer
+    state and EMA at this step boundary, which training may change again as soon as this
+    returns. Nothing is left behind when writing fails (or a tensor is not finite)."""
+    directory = tempfile.mkdtemp(prefix="nfnet-ckpt-")
+    try:
+        save(directory, model, optimizer, ema, state)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory
+
+
+def check_stored(storage, staged: str, name: str) -> None:
+    """Raise ConnectionError (a transient failure: the upload is tried again) unless every file
+    of the ``staged`` folder (flat) is in ``storage`` under ``name`` at its full size.
+
+    Ray Train's upload into an fsspec filesystem (pyarrow's ``copy_files`` through
+    ``FSSpecHandler``, as for S3 with ``storage_options``) can return without an error while a
+    file whose connection was reset mid-way is missing; registered, such a folder would be a
+    half checkpoint chosen by the next restart.
+    """
+    from pyarrow.fs import FileSelector, FileType
+
+    path = storage.build_checkpoint_path_from_name(name)
+    infos = storage.storage_filesystem.get_file_info(FileSelector(path, allow_not_found=True))
+    stored = {info.base_name: info.size for info in infos if info.type == FileType.File}
+    local = {file.name: file.stat().st_size for file in Path(staged).iterdir()}
+    short = sorted(file for file, size in local.items() if stored.get(file) != size)
+    if short:
+        raise ConnectionError(f"the upload ended with {short} missing or incomplete in storage")
+
+
+def persist(storage, checkpoint, name: str, url: str):
+    """Ray Train's own upload of ``checkpoint`` into ``storage`` (a ``StorageContext``) as
+    ``name``, retried; returns the stored checkpoint.
 
     Each try already rides out ~10 s of refused connections (botocore's retries); the storage
     layer's 5 tries with backoff stretch that to about a minute of outage. A failure that is
@@ -108,27 +141,139 @@ def upload_with_retries(url: str) -> Callable[[Any, str], Any]:
     StorageError naming ``url`` and removes the partial folder where it can: Ray Train never
     registered it, so a restart cannot pick it anyway.
     """
-    from ray.train import get_context
-
     label = f"checkpoint.storage_url {url}"
 
-    def upload(checkpoint, name: str):
-        storage = get_context().get_storage()
-        try:
-            return call_with_retries(
-                label, lambda: storage.persist_current_checkpoint(checkpoint, name)
-            )
-        except StorageError as exc:
-            path = storage.build_checkpoint_path_from_name(name)
-            with contextlib.suppress(Exception):
-                storage.storage_filesystem.delete_dir(path)
-            raise StorageError(
-                label,
-                f"writing the checkpoint failed ({exc.reason}); the previous checkpoint stays "
-                "the latest",
-            ) from exc
+    def store():
+        stored = storage.persist_current_checkpoint(checkpoint, name)
+        check_stored(storage, checkpoint.path, name)
+        return stored
 
-    return upload
+    try:
+        return call_with_retries(label, store)
+    except StorageError as exc:
+        path = storage.build_checkpoint_path_from_name(name)
+        with contextlib.suppress(Exception):
+            storage.storage_filesystem.delete_dir(path)
+        raise StorageError(
+            label,
+            f"writing the checkpoint failed ({exc.reason}); the previous checkpoint stays "
+            "the latest",
+        ) from exc
+
+
+class Upload:
+    """One checkpoint on its way to storage; ``wait()`` returns once it is stored."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.seconds: float | None = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+
+    def finished(self, seconds: float | None = None, error: BaseException | None = None) -> None:
+        """Record the outcome (the upload's seconds, or why it failed) and wake the waiters."""
+        self.seconds, self.error = seconds, error
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the outcome (True once there is one); raise the upload's failure."""
+        if not self._done.wait(timeout):
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def upload_job(
+    upload: Upload,
+    store: Callable[[], Any],
+    logger=None,
+    milestone: Callable[[], None] | None = None,
+):
+    """Run one upload: send the run's queued metrics (every step up to the checkpoint is in
+    MLflow before the checkpoint can become the restart point), ``store()`` it, then log
+    ``checkpoint/upload_seconds`` and the ``milestone``; the outcome goes to ``upload``."""
+    tick = time.perf_counter()
+    try:
+        if logger is not None:
+            logger.flush()
+        stored = store()
+        seconds = time.perf_counter() - tick
+        if logger is not None:
+            logger.log_metrics({"checkpoint/upload_seconds": seconds}, step=upload.step)
+        if milestone is not None:
+            milestone()
+    except BaseException as exc:
+        upload.finished(error=exc)
+        raise
+    upload.finished(seconds)
+    return stored
+
+
+class Uploads:
+    """Rank 0's checkpoints on their way to storage, reported to Ray Train one at a time.
+
+    Ray Train uploads in one background thread per worker, in order; ``wait()`` before staging
+    the next checkpoint keeps at most one staged folder waiting on local disk, and turns a
+    failed upload into an error of the training loop at once.
+    """
+
+    def __init__(self, config, run_id: str | None, logger=None, milestones: bool = True) -> None:
+        self.background = config.checkpoint.async_upload
+        self.tracking_uri, self.run_id, self.logger = config.tracking.uri, run_id, logger
+        self.milestones = milestones and logger is not None
+        self.last: Upload | None = None
+
+    def wait(self) -> None:
+        """Wait for the last upload to finish; raise its failure."""
+        if self.last is not None:
+            self.last.wait()
+
+    def milestone(self, step: int, url: str) -> Callable[[], None]:
+        """The checkpoint milestone of ``step`` (``pipeline.tracking.log_checkpoint_event``)."""
+        # deferred: mlflow takes seconds to import, and only rank 0 logs
+        from pipeline.tracking import log_checkpoint_event
+
+        return lambda: log_checkpoint_event(self.tracking_uri, self.run_id, step, url)
+
+    def report(
+        self, step: int, metrics: dict[str, Any], staged: str | None, name: str, url: str
+    ) -> Upload | None:
+        """``ray.train.report`` on every rank (a barrier); rank 0 passes its ``staged`` folder,
+        which Ray Train removes once it is stored. Returns that checkpoint's Upload."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        checkpoint = upload = store_fn = None
+        if staged is not None:
+            upload = self.last = Upload(step)
+            checkpoint = ray.train.Checkpoint.from_directory(staged)
+            milestone = self.milestone(step, url) if self.milestones else None
+
+            def store_fn(checkpoint, name: str):
+                store = partial(persist, ray.train.get_context().get_storage(), checkpoint, name)
+                try:
+                    return upload_job(upload, lambda: store(url), self.logger, milestone)
+                except BaseException:
+                    shutil.rmtree(staged, ignore_errors=True)  # Ray removes it after a success
+                    raise
+
+        mode = CheckpointUploadMode.ASYNC if self.background else CheckpointUploadMode.SYNC
+        try:
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=name,
+                checkpoint_upload_mode=mode,
+                delete_local_checkpoint_after_upload=True,
+                checkpoint_upload_fn=store_fn,
+            )
+        except BaseException as exc:  # never handed over: nobody else uploads or removes it
+            if upload is not None:
+                upload.finished(error=exc)
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return upload
 
 
 def fetch_weights(origin: dict[str, str], config) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from pipeline.train.prefetch import DevicePrefetcher
+
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 PRECISIONS = ("fp32", "bf16")
 
@@ -18,23 +20,19 @@ PRECISIONS = ("fp32", "bf16")
 def _totals(
     model: torch.nn.Module, batches: Batches, device: torch.device, bf16: bool, limit: int | None
 ) -> torch.Tensor:
-    """(top-1 hits, top-5 hits, samples) of ``model`` over at most ``limit`` batches."""
-    totals = torch.zeros(3, dtype=torch.float64)
-    for index, (images, labels) in enumerate(batches):
-        if limit is not None and index >= limit:
-            break
-        images, labels = images.to(device), labels.to(device)
+    """(top-1 hits, top-5 hits, samples) of ``model`` over at most ``limit`` batches.
+
+    The sums stay on ``device`` (no host read per batch) and the batches reach it a batch ahead
+    (``pipeline.train.prefetch``); the caller reads the totals once.
+    """
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels in DevicePrefetcher(batches, device, limit):
         with torch.autocast(device.type, torch.bfloat16, bf16):
             logits = model(images).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals += torch.tensor(
-            [
-                (top5[:, 0] == labels).sum().item(),
-                (top5 == labels[:, None]).any(1).sum().item(),
-                labels.numel(),
-            ],
-            dtype=torch.float64,
-        )
+        hits = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum()])
+        totals[:2] += hits
+        totals[2] += labels.numel()
     return totals
 
 
@@ -62,7 +60,7 @@ def evaluate(
         model.train()
         if dist.is_initialized():
             dist.all_reduce(totals)
-        count = max(totals[2].item(), 1.0)
-        results[f"val/top1{suffix}"] = totals[0].item() / count
-        results[f"val/top5{suffix}"] = totals[1].item() / count
+        top1, top5, count = totals.tolist()  # the one host read of this model's evaluation
+        results[f"val/top1{suffix}"] = top1 / max(count, 1.0)
+        results[f"val/top5{suffix}"] = top5 / max(count, 1.0)
     return results

@@ -18,36 +18,83 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepStats:
-    """Running sums between two log lines (kept as tensors/floats, no per-step sync)."""
+    """Running sums between two log lines. A step adds its tensors as they are, on the device,
+    without a host read; ``summary`` reads them all at once and leaves out the steps the
+    optimizer skipped (NaN/Inf), whose loss would spoil the averages of the whole line."""
 
-    loss: list[torch.Tensor] = field(default_factory=list)
-    correct: list[torch.Tensor] = field(default_factory=list)
-    clip_fraction: list[torch.Tensor] = field(default_factory=list)
-    grad_norm: list[torch.Tensor] = field(default_factory=list)
-    samples: int = 0
+    loss: list[torch.Tensor] = field(default_factory=list)  # per micro-batch
+    correct: list[torch.Tensor] = field(default_factory=list)  # per micro-batch: top-1 hits
+    clip_fraction: list[torch.Tensor] = field(default_factory=list)  # per step
+    grad_norm: list[torch.Tensor] = field(default_factory=list)  # per step
+    skipped: list[torch.Tensor] = field(default_factory=list)  # per step: 0-d bool
+    micro_batches: list[int] = field(default_factory=list)  # per step
+    step_samples: list[int] = field(default_factory=list)  # per step
+    samples: int = 0  # every sample, skipped steps' too: the throughput counts them
     step_time: float = 0.0
     data_time: float = 0.0
     allreduce_time: float = 0.0
 
+    def add_step(
+        self,
+        losses: list[torch.Tensor],
+        correct: list[torch.Tensor],
+        samples: int,
+        optimizer_stats: dict[str, torch.Tensor],
+        skipped: torch.Tensor,
+    ) -> None:
+        """One step's micro-batch losses and hits, its AGC statistics and its NaN/Inf flag."""
+        self.loss += losses
+        self.correct += correct
+        missing = losses[0].new_full((), math.nan)  # no optimizer step: nothing to average
+        self.clip_fraction.append(optimizer_stats.get("clip_fraction", missing).detach())
+        self.grad_norm.append(optimizer_stats.get("grad_norm", missing).detach())
+        self.skipped.append(skipped)
+        self.micro_batches.append(len(losses))
+        self.step_samples.append(samples)
+        self.samples += samples
+
+    def _read(self) -> list[list[float]]:
+        """Every tensor kept, as Python floats, in one host read (list by list)."""
+        lists = (self.loss, self.correct, self.clip_fraction, self.grad_norm, self.skipped)
+        if not self.skipped:
+            return [[] for _ in lists]
+        values = torch.cat([torch.stack(tensors).double().flatten() for tensors in lists])
+        flat, read = values.tolist(), []
+        for tensors in lists:
+            read.append(flat[: len(tensors)])
+            flat = flat[len(tensors) :]
+        return read
+
     def summary(self, workers: int) -> dict[str, float]:
-        """Averages since the last log line, as MLflow metrics."""
-        mean = lambda values: (  # noqa: E731 (nan when every step was skipped)
-            torch.stack(values).float().mean().item() if values else math.nan
-        )
+        """Averages since the last log line over the steps that were not skipped (NaN when
+        every step was), as MLflow metrics."""
+        loss, correct, clip_fraction, grad_norm, skipped = self._read()
+        kept_steps = [not flag for flag in skipped]
+        kept = [
+            k for k, count in zip(kept_steps, self.micro_batches, strict=True) for _ in range(count)
+        ]
         images_per_s = self.samples * workers / max(self.step_time, 1e-9)
+        samples = sum(n for n, k in zip(self.step_samples, kept_steps, strict=True) if k)
+        hits = sum(c for c, k in zip(correct, kept, strict=True) if k)
         metrics = {
-            "train/loss": mean(self.loss),
-            "train/top1": float(sum(self.correct)) / self.samples if self.samples else math.nan,
+            "train/loss": _mean(loss, kept),
+            "train/top1": hits / samples if samples else math.nan,
             "train/images_per_s": images_per_s,
             "train/images_per_s_per_worker": images_per_s / workers,
             "train/data_wait_fraction": self.data_time / max(self.step_time, 1e-9),
         }
         if self.allreduce_time:
             metrics["train/allreduce_fraction"] = self.allreduce_time / max(self.step_time, 1e-9)
-        if self.clip_fraction:
-            metrics["train/agc_clip_fraction"] = mean(self.clip_fraction)
-            metrics["train/grad_norm"] = mean(self.grad_norm)
+        kept_stats = [k and math.isfinite(g) for k, g in zip(kept_steps, grad_norm, strict=True)]
+        if any(kept_stats):
+            metrics["train/agc_clip_fraction"] = _mean(clip_fraction, kept_stats)
+            metrics["train/grad_norm"] = _mean(grad_norm, kept_stats)
         return metrics
+
+
+def _mean(values: list[float], kept: list[bool]) -> float:
+    chosen = [value for value, keep in zip(values, kept, strict=True) if keep]
+    return sum(chosen) / len(chosen) if chosen else math.nan
 
 
 def duration(seconds: float) -> str:

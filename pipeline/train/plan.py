@@ -36,6 +36,7 @@ class Plan:
     micro_batch: int
     accumulation_steps: int
     num_workers: int
+    train_streams: int  # canonical data streams (pipeline.data.streams): fixed for the run
     peak_lr: float
     clipping: float | None
     train_samples: int
@@ -79,6 +80,13 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
         )
     if optim.use_agc:
         clipping = _pick(optim.clipping, default_clipping(train.global_batch))
+    micro_batches = train.global_batch // train.micro_batch
+    streams = _pick(config.data.streams, micro_batches)
+    if streams % micro_batches:
+        raise ConfigError(
+            f"data.streams: {streams} is not a multiple of train.global_batch / "
+            f"train.micro_batch = {micro_batches} (each stream makes whole micro-batches)"
+        )
     gpu = scaling.use_gpu
     precision = train.precision if train.precision != "auto" else ("bf16" if gpu else "fp32")
     return Plan(
@@ -97,6 +105,7 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
         micro_batch=train.micro_batch,
         accumulation_steps=config.accumulation_steps,
         num_workers=scaling.num_workers,
+        train_streams=streams,
         peak_lr=_pick(optim.lr, base_learning_rate(train.global_batch, optim.lr_per_256)),
         clipping=clipping,
         train_samples=train_samples,
@@ -134,4 +143,52 @@ def deepspeed_config(config: RunConfig, plan: Plan) -> dict[str, Any]:
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": config.train.zero_stage},
         "steps_per_print": 10**9,
+        # DeepSpeed's throughput timer synchronises the device at every micro-step; the Trainer
+        # times its own steps.
+        "timers": {"throughput": {"enabled": False}},
     }
+
+
+# What a resumed run keeps (by the config key that sets it): its global batch and how the batch
+# is cut into micro-batches and streams, and so the lr and AGC's λ. Only scaling.num_workers, and
+# with it the accumulation, may change (pipeline.data.streams keeps the data the same).
+RESUME_KEEPS = {
+    "global_batch": "train.global_batch",
+    "micro_batch": "train.micro_batch",
+    "train_streams": "data.streams",
+    "peak_lr": "optim.lr",
+    "clipping": "optim.clipping",
+}
+
+
+def resume_conflict(saved: dict[str, Any], plan: Plan) -> str | None:
+    """Why a run of ``plan`` cannot resume from a checkpoint of the plan ``saved``; None: it can."""
+    current = plan.as_dict()
+    changed = [
+        f"{key}={saved[field]} (this run: {current[field]})"
+        for field, key in RESUME_KEEPS.items()
+        if field in saved and saved[field] != current[field]
+    ]
+    if not changed:
+        return None
+    return (
+        f"the checkpoint was trained with {', '.join(changed)}; a resumed run keeps its global "
+        "batch, micro-batch, streams, lr and AGC λ, and only scaling.num_workers may change (to "
+        f"a divisor of train.global_batch / train.micro_batch = "
+        f"{saved.get('global_batch', 0) // saved.get('micro_batch', 1)})"
+    )
+
+
+def check_resumed_plan(saved: dict[str, Any], plan: Plan) -> str:
+    """Raise ConfigError unless ``plan`` may resume from a checkpoint of the plan ``saved``;
+    return how the split of the global batch changed (``""`` if it did not), for the log."""
+    conflict = resume_conflict(saved, plan)
+    if conflict:
+        raise ConfigError(conflict)
+    before = (saved.get("num_workers"), saved.get("accumulation_steps"))
+    if before in ((plan.num_workers, plan.accumulation_steps), (None, None)):
+        return ""
+    return (
+        f" on {plan.num_workers} workers x {plan.accumulation_steps} micro-batches each "
+        f"(written on {before[0]} x {before[1]})"
+    )

@@ -40,7 +40,9 @@ from pipeline.train.metrics import (
     start_utilisation,
 )
 from pipeline.train.nonfinite import NonfiniteStepError, NonfiniteSteps
-from pipeline.train.plan import Plan, deepspeed_config
+from pipeline.train.plan import Plan, check_resumed_plan, deepspeed_config
+from pipeline.train.preemption import StepBoundary
+from pipeline.train.prefetch import DevicePrefetcher, device_generator, prefetcher, to_device
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Trainer:
         train = config.train
         self.nonfinite = NonfiniteSteps(train.nonfinite, train.max_nonfinite_in_a_row)
         self.stats = StepStats()
+        self.feed: DevicePrefetcher | None = None  # the step source, a step ahead on the device
         self.model = self.build_model(init)
         self.optimizer = self.build_optimizer()
         self.engine = self.build_engine()
@@ -87,17 +90,22 @@ class Trainer:
         metrics: dict[str, float] = {}
         steps = self.batches.steps(self.step)
         started = time.perf_counter()
-        while self.step < total:
-            self.run_step(steps)
-            if due(self.step, train.log_every, total):
-                metrics = self.log(started)
-            if due(self.step, train.eval_every, total):
-                metrics |= self.log_eval(self.evaluate())
-            stopping = self.step == train.stop_after
-            if stopping or due(self.step, self.config.checkpoint.every_steps, total):
-                self.save_checkpoint(metrics)
-            if stopping:
-                return self.leave_early()
+        boundary = StepBoundary(
+            self.config, total, self.first_step, self.run_id, self.logger, self.run_url is not None
+        )
+        with boundary.settling():  # a failure lets the checkpoint under way reach storage
+            while self.step < total:
+                self.run_step(steps)
+                if due(self.step, train.log_every, total):
+                    metrics = self.log(started)
+                if due(self.step, train.eval_every, total):
+                    metrics |= self.log_eval(self.evaluate())
+                after = boundary.after(self.step)  # a checkpoint on schedule, stop or notice
+                if after.save:
+                    self.save_checkpoint(metrics, boundary.uploads, after.wait)
+                if after.stop:
+                    return self.leave_early()
+                boundary.hold(after, self.step)  # a preemption notice: wait for the restart
         self.finish()
         return metrics
 
@@ -152,6 +160,11 @@ class Trainer:
             config=deepspeed_config(self.config, self.plan),
             dist_init_required=False,
         )
+        if engine.dp_world_size == 1 and self.config.train.zero_stage == 0:
+            # One worker has nothing to average, yet DeepSpeed's all-reduce would flatten and
+            # copy every gradient at each boundary (7 % of an nfnet_f0 step on 2 CPU cores).
+            # ZeRO 1 and 2 keep their reduce: it fills their gradient partitions.
+            engine.enable_backward_allreduce = False
         if self.config.train.time_allreduce:
             self.time_allreduce(engine)
         return engine
@@ -180,24 +193,30 @@ class Trainer:
     # --- the step ---------------------------------------------------------------------------
 
     def run_step(self, steps: Iterator[MicroBatches]) -> None:
-        """One optimizer step: its micro-batches, the EMA, the NaN/Inf count and the timings."""
+        """One optimizer step: its micro-batches (copied to the device a step ahead), the EMA,
+        the NaN/Inf flags (read at each log line and checkpoint) and the timings."""
+        left = self.plan.total_steps - self.step
+        self.feed = prefetcher(steps, self.device, self.feed, left)
         tick = time.perf_counter()
-        micro_batches = next(steps)
+        micro_batches = next(self.feed)
         waited = time.perf_counter() - tick
         skipped = self.train_step(micro_batches)
-        if not skipped:  # a skipped step leaves the EMA as it leaves the weights
-            self.ema.update(self.model, self.step)
+        self.ema.update(self.model, self.step, skipped)  # skipped: the EMA stays, as the weights
         self.step += 1
-        self.count_nonfinite(skipped)
+        self.nonfinite.add(self.step, skipped)
+        train, total = self.config.train, self.plan.total_steps
+        reads = (train.log_every, self.config.checkpoint.every_steps)
+        if self.step == train.stop_after or any(due(self.step, n, total) for n in reads):
+            self.count_nonfinite()  # before this step's log line and checkpoint
         self.stats.step_time += time.perf_counter() - tick
         self.stats.data_time += waited
 
-    def train_step(self, micro_batches: MicroBatches) -> bool:
+    def train_step(self, micro_batches: MicroBatches) -> torch.Tensor:
         """Forward/backward every micro-batch; DeepSpeed steps SGD_AGC at the boundary.
 
         The images arrive mixed, augmented and normalised (``pipeline.data.mixing``); their
         labels are mixed and smoothed here, in the loss, as DM's experiment.py does. Returns
-        whether the optimizer skipped the update (a NaN/Inf gradient).
+        the optimizer's NaN/Inf flag of the step: a 0-d bool tensor on the device, not read.
         """
         plan, seed = self.plan, self.config.train.seed
         smoothing = self.config.optim.label_smoothing  # DM experiment_nfnets.py: 0.1
@@ -205,40 +224,38 @@ class Trainer:
         lr = lr_at(self.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        generator = device_generator(self.device)
         for slot, (images, mix) in enumerate(micro_batches):
             # The global micro-batch index makes dropout and stochastic depth identical however
             # the global batch is split over workers and accumulation slots.
             global_micro = slot * plan.num_workers + self.rank
-            labels = mix.labels.to(self.device)
-            targets = mixed_targets(*mix, plan.num_classes, smoothing).to(self.device)
-            torch.manual_seed(sample_seed(seed, self.step, global_micro, 1))
+            images, mix = to_device((images, mix), self.device)  # already there when prefetched
+            targets = mixed_targets(*mix, plan.num_classes, smoothing)
+            generator.manual_seed(sample_seed(seed, self.step, global_micro, 1))
             with torch.autocast(self.device.type, torch.bfloat16, plan.precision == "bf16"):
-                logits = self.engine(images.to(self.device))
+                logits = self.engine(images)
             loss = soft_target_cross_entropy(logits.float(), targets)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
-            correct.append((logits.argmax(1) == labels).sum().detach())
-        if self.optimizer.last_step_skipped:
-            return True  # its NaN would spoil the averages of the whole log line
-        self.stats.loss += losses
-        self.stats.correct += correct
-        self.stats.samples += sum(mix.labels.numel() for _, mix in micro_batches)
-        if self.optimizer.last_stats:
-            self.stats.clip_fraction.append(self.optimizer.last_stats["clip_fraction"].detach())
-            self.stats.grad_norm.append(self.optimizer.last_stats["grad_norm"].detach())
-        return False
+            correct.append((logits.argmax(1) == mix.labels).sum().detach())
+        skipped = self.optimizer.last_step_skipped
+        samples = sum(mix.labels.numel() for _, mix in micro_batches)
+        self.stats.add_step(losses, correct, samples, self.optimizer.last_stats, skipped)
+        return skipped
 
-    def count_nonfinite(self, skipped: bool) -> None:
-        """Count a skipped step (``train.nonfinite``); log the count before stopping."""
-        if skipped and self.rank == 0:
-            log.info(f"step {self.step}: NaN/Inf gradient, update skipped")
+    def count_nonfinite(self) -> None:
+        """Read the NaN/Inf flags of the steps since the last read (one host read) and count
+        them (``train.nonfinite``); log the count before stopping."""
         try:
-            self.nonfinite.record(self.step, skipped)
-        except NonfiniteStepError:
+            for step, skipped in self.nonfinite.read():
+                if skipped and self.rank == 0:
+                    log.info(f"step {step}: NaN/Inf gradient, update skipped")
+                self.nonfinite.record(step, skipped)
+        except NonfiniteStepError as error:
             if self.logger is not None:
                 count = {"train/nonfinite_steps": float(self.nonfinite.total)}
-                self.logger.log_metrics(count, step=self.step)
+                self.logger.log_metrics(count, step=error.step)
                 self.logger.close()
             raise
 
@@ -285,7 +302,8 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def restore(self) -> int:
-        """Continue from Ray Train's latest checkpoint, if there is one; return its step."""
+        """Continue from Ray Train's latest checkpoint, if there is one, on any worker count
+        that keeps its global batch (the data stays the same); return its step."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -293,19 +311,24 @@ class Trainer:
             return 0
         with checkpoint.as_directory() as directory:
             state = ckpt.load(directory, self.model, self.optimizer, self.ema)
+        split = check_resumed_plan(state.get("plan", {}), self.plan)  # raises on a new batch
         if state.get("run_id") not in (None, self.run_id):
             raise RuntimeError(
                 f"checkpoint belongs to MLflow run {state['run_id']}, not {self.run_id}"
             )
         self.nonfinite.total = state.get("nonfinite_steps", 0)
         if self.rank == 0:
-            log.info(f"resumed from checkpoint at step {state['step']}")
+            log.info(f"resumed from checkpoint at step {state['step']}{split}")
         return state["step"]
 
-    def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """Write model, optimizer, EMA and position (rank 0) and report them to Ray Train."""
-        import ray.train
-
+    def save_checkpoint(
+        self, metrics: dict[str, float], uploads: ckpt.Uploads, wait: bool = False
+    ) -> None:
+        """Stage model, optimizer, EMA and position at this step boundary (rank 0) and report
+        them to Ray Train, which uploads them (in the background under checkpoint.async_upload)
+        and makes them the restart point once stored; ``wait``: the step waits for that too."""
+        tick = time.perf_counter()
+        self.count_nonfinite()  # a notice's checkpoint may fall between reads of the flags
         state = {
             "step": self.step,
             "run_id": self.run_id,
@@ -313,27 +336,18 @@ class Trainer:
             "nonfinite_steps": self.nonfinite.total,
         }
         report = {"step": self.step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
-        if self.logger is not None:
-            self.logger.flush()
         name = f"step_{self.step:09d}"
         url = f"{self.run_url or self.config.checkpoint.storage_url}/{name}"
-        with ckpt.staging_dir() as directory:
-            checkpoint = None
-            if self.rank == 0:
-                ckpt.save(directory, self.model, self.optimizer, self.ema, state)
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(
-                report,
-                checkpoint=checkpoint,
-                checkpoint_dir_name=name,
-                checkpoint_upload_fn=ckpt.upload_with_retries(url),
-            )
-        if self.logger is not None and self.run_url is not None:
-            # deferred: mlflow takes seconds to import, and only rank 0 logs
-            from pipeline.tracking import log_checkpoint_event
-
-            # The milestone the scheduler watches: written after Ray Train has persisted it.
-            log_checkpoint_event(self.config.tracking.uri, self.run_id, self.step, url)
+        staged = None
+        if self.rank == 0:
+            uploads.wait()  # the previous upload first: one staged folder waits at most
+            staged = ckpt.stage(self.model, self.optimizer, self.ema, state)
+        upload = uploads.report(self.step, report, staged, name, url)
+        if wait and upload is not None:
+            upload.wait()
+        if self.logger is not None:
+            blocked = {"checkpoint/step_seconds": time.perf_counter() - tick}
+            self.logger.log_metrics(blocked, step=self.step)
 
     def leave_early(self) -> dict[str, float]:
         """Stop after ``train.stop_after`` (as a preemption would): all is in the checkpoint."""

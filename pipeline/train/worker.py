@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
@@ -21,13 +22,18 @@ def use_this_environments_build_tools() -> None:
     the one installed with DeepSpeed rejects the other's build log and rebuilds everything, so
     the worker must find the same ninja and the same cache whatever environment started the
     Ray cluster: this interpreter's own ``bin`` goes first on ``PATH``, and the cache lives in
-    its environment (``TORCH_EXTENSIONS_DIR`` still overrides).
+    its environment (``TORCH_EXTENSIONS_DIR`` still overrides), one folder per path the
+    environment is reached by: through a symlink, DeepSpeed's sources have other paths, and a
+    shared build log would make each path rebuild after the other (a minute or more each time).
     """
     own_bin = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if not path.startswith(own_bin + os.pathsep):
         os.environ["PATH"] = own_bin + os.pathsep + path
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    view = re.sub(r"[^A-Za-z0-9]+", "-", sys.prefix).strip("-")
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions", view)
+    )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -35,9 +41,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ``loop_config`` holds the run config and the plan as plain dicts, the MLflow run id, the
     run's checkpoint folder URL and the finetuning origin (``init``, or None). Progress lines
-    go to stdout, which Ray forwards to the driver's console.
+    go to stdout, which Ray forwards to the driver's console, once: not through the root logger,
+    which Ray Train's worker logging also prints.
     """
-    logs.configure()
+    logs.configure(propagate=False)
     if not loop_config["config"]["scaling"]["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     use_this_environments_build_tools()

@@ -51,6 +51,13 @@ def test_eval_transform_of_a_padded_square_is_its_centre():
     assert torch.equal(eval_transform(64)(image), image[:, 16:80, 16:80])
 
 
+def test_eval_padding_sets_how_much_of_the_image_is_kept():
+    image = _image(3, 16, 16)
+    assert torch.equal(eval_transform(16, padding=0)(image), image)  # the whole image
+    padded = _image(5, 20, 20)  # (16 + 4)^2: keeps the central 80 %
+    assert torch.equal(eval_transform(16, padding=4)(padded), padded[:, 2:18, 2:18])
+
+
 def test_eval_transform_squashes_any_aspect_to_the_test_resolution():
     out = eval_transform(24)(_image(1, 30, 90))
     assert tuple(out.shape) == (3, 24, 24) and out.dtype == torch.uint8

@@ -38,13 +38,32 @@ def test_every_run_of_every_experiment_resolves_to_a_valid_config(name, tmp_path
     assert spec.budget_minutes <= 30
 
 
-def test_agc_batch_spans_64_to_1024_with_and_without_agc_at_the_paper_lr(tmp_path):
+def test_agc_batch_spans_256_1024_4096_for_nf_with_and_without_agc_and_bn_at_the_paper_lr(tmp_path):
     _, spec = load_experiment("agc_batch")
     configs = run_configs("agc_batch", spec, tmp_path, "sqlite:///x.db", [])
-    grid = {(c.train.global_batch, c.optim.use_agc) for c in configs.values()}
-    assert grid == {(b, agc) for b in (64, 128, 256, 512, 1024) for agc in (True, False)}
+    grid = {
+        (c.train.global_batch, c.model.name, c.optim.use_agc, c.train.seed)
+        for c in configs.values()
+    }
+    models = {("nfnet_nano", True), ("nfnet_nano", False), ("resnet_bn_nano", False)}
+    batches = (256, 1024, 4096)
+    expected = {(b, *model, 0) for b in batches for model in models}
+    expected |= {(4096, *model, seed) for model in models for seed in (1, 2)}  # 3 seeds at 4096
+    assert grid == expected
     assert {c.optim.lr for c in configs.values()} == {None}  # 0.1 * B / 256
     assert {c.optim.lr_per_256 for c in configs.values()} == {0.1}
+    assert {c.train.epochs for c in configs.values()} == {20}  # the same epochs at every batch
+
+
+def test_agc_lambda_sweeps_0_005_to_0_64_at_batch_4096(tmp_path):
+    _, spec = load_experiment("agc_lambda")
+    configs = run_configs("agc_lambda", spec, tmp_path, "sqlite:///x.db", [])
+    assert {c.train.global_batch for c in configs.values()} == {4096}
+    points = {
+        (c.optim.clipping if c.optim.use_agc else None, c.train.seed) for c in configs.values()
+    }
+    lambdas = (0.005, 0.01, 0.04, 0.16, 0.64)
+    assert points == {(lam, 0) for lam in lambdas} | {(None, 0)}
 
 
 def test_shrinking_options_apply_to_every_run(tmp_path):
@@ -60,7 +79,7 @@ def test_run_name_is_stable_and_changes_with_the_config(tmp_path):
     again = run_configs("agc_batch", spec, tmp_path, "sqlite:///b.db", [])[run.name]
     shrunk = run_configs("agc_batch", spec, tmp_path, "sqlite:///a.db", ["train.steps=3"])
     assert run_name(run, first, None) == run_name(run, again, None)  # the store does not count
-    assert run_name(run, first, None).startswith("b64-agc-")
+    assert run_name(run, first, None).startswith("b256-agc-")
     assert run_name(run, first, None) != run_name(run, shrunk[run.name], None)
 
 
@@ -106,7 +125,7 @@ def test_an_unknown_experiment_or_run_exits_2_listing_the_choices(tmp_path, caps
     assert main(["run", "agc_batchh", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown experiment 'agc_batchh'" in err and "agc_lambda" in err
-    assert main(["run", "agc_batch", "--only", "b64-agc,b99", "--out", str(tmp_path)]) == 2
+    assert main(["run", "agc_batch", "--only", "b256-agc,b99", "--out", str(tmp_path)]) == 2
     assert "no run(s) ['b99']" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

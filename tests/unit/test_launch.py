@@ -30,6 +30,17 @@ def test_same_command_same_run_name_whatever_stop_after_or_uri_spelling():
     assert default_run_name(base, "pretrain", {"tags": None, "init": None}) == name
 
 
+def test_another_worker_or_loader_count_is_the_same_run():
+    # The data and the parameters do not depend on them (pipeline.data.streams): a resume on
+    # another worker count continues the same run.
+    batch = ["model.name=nfnet_nano", "train.global_batch=8", "train.micro_batch=4"]
+    base = load_config(None, batch)
+    name = default_run_name(base, "pretrain")
+    for changed in (["scaling.num_workers=2"], ["data.loader_workers=0"]):
+        config = load_config(None, [*batch, *changed])
+        assert default_run_name(config, "pretrain") == name
+
+
 def test_a_different_recipe_or_origin_is_a_different_run():
     base = load_config(None, ["model.name=nfnet_nano"])
     name = default_run_name(base, "pretrain")

@@ -1,5 +1,6 @@
-"""The NaN/Inf policy below the trainer: the stop rule, the checkpoint refusal, the fault
-injection of the synthetic data source (the integration test drives them through a real run)."""
+"""The NaN/Inf policy below the trainer: the stop rule, the flags read in one go, the averages
+and the EMA that leave a skipped step out, the checkpoint refusal, the fault injection of the
+synthetic data source (the integration test drives them through a real run)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.models import create_model
 from pipeline.optim import SGD_AGC, ModelEma, param_groups
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batches import SyntheticBatches, describe_dataset
+from pipeline.train.metrics import StepStats
 from pipeline.train.nonfinite import NonfiniteStepError, NonfiniteSteps
 from pipeline.train.plan import make_plan
 
@@ -114,3 +116,84 @@ def test_synthetic_nonfinite_steps_poison_one_sample_on_the_last_worker():
 def test_bad_nonfinite_steps_parameter_is_named():
     with pytest.raises(ValueError, match="nonfinite_steps='x'"):
         describe_dataset("synthetic://?nonfinite_steps=x")
+
+
+def test_flags_stay_on_the_device_until_read_then_count_in_step_order():
+    steps = NonfiniteSteps("skip", max_in_a_row=3)
+    for step, flag in enumerate([False, True, True, False], start=1):
+        steps.add(step, torch.tensor(flag))
+    assert (steps.total, len(steps.pending)) == (0, 4)  # nothing counted before the read
+    read = steps.read()
+    assert read == [(1, False), (2, True), (3, True), (4, False)]
+    assert steps.pending == [] and steps.read() == []
+    for step, skipped in read:
+        steps.record(step, skipped)
+    assert (steps.total, steps.in_a_row) == (2, 0)
+
+
+def test_the_stop_names_the_step_that_was_skipped_not_the_step_it_was_read_at():
+    steps = NonfiniteSteps("stop", max_in_a_row=10)
+    for step, flag in ((5, False), (6, True), (7, False)):
+        steps.add(step, torch.tensor(flag))
+    with pytest.raises(NonfiniteStepError, match=r"^step 6: ") as error:
+        for step, skipped in steps.read():
+            steps.record(step, skipped)
+    assert error.value.step == 6
+
+
+def test_step_stats_leave_skipped_steps_out_of_the_averages_but_not_the_throughput():
+    stats = StepStats()
+    agc = {"clip_fraction": torch.tensor(0.25), "grad_norm": torch.tensor(2.0)}
+    nan = {"clip_fraction": torch.tensor(0.5), "grad_norm": torch.tensor(math.nan)}
+    # Two micro-batches of 4 samples per step; the middle step is skipped (a NaN loss).
+    stats.add_step(
+        [torch.tensor(1.0), torch.tensor(3.0)],
+        [torch.tensor(1), torch.tensor(2)],
+        8,
+        agc,
+        torch.tensor(False),
+    )
+    stats.add_step(
+        [torch.tensor(math.nan), torch.tensor(2.0)],
+        [torch.tensor(4), torch.tensor(4)],
+        8,
+        nan,
+        torch.tensor(True),
+    )
+    stats.add_step(
+        [torch.tensor(5.0), torch.tensor(7.0)],
+        [torch.tensor(3), torch.tensor(4)],
+        8,
+        agc,
+        torch.tensor(False),
+    )
+    stats.step_time = 2.0
+    metrics = stats.summary(workers=2)
+    assert metrics["train/loss"] == 4.0  # (1 + 3 + 5 + 7) / 4
+    assert metrics["train/top1"] == 10 / 16
+    assert metrics["train/agc_clip_fraction"] == 0.25 and metrics["train/grad_norm"] == 2.0
+    assert metrics["train/images_per_s"] == 24 * 2 / 2.0  # the skipped step's images count
+    stats = StepStats()
+    stats.add_step([torch.tensor(math.nan)], [torch.tensor(1)], 4, nan, torch.tensor(True))
+    metrics = stats.summary(workers=1)
+    assert math.isnan(metrics["train/loss"]) and math.isnan(metrics["train/top1"])
+    assert "train/grad_norm" not in metrics and "train/agc_clip_fraction" not in metrics
+
+
+def test_the_ema_moves_as_before_on_a_kept_step_and_not_at_all_on_a_skipped_one():
+    model, _, ema = nano_state()
+    reference = ModelEma(model, decay=0.9)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model, step=50, skipped=torch.tensor(True))
+    for key, value in ema.module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    ema.update(model, step=50, skipped=torch.tensor(False))
+    reference.update(model, step=50)  # the unmasked update: the same bits
+    for (key, value), other in zip(
+        ema.module.state_dict().items(), reference.module.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, other), key
+    assert not torch.equal(ema.module.head.fc.bias, before["head.fc.bias"])

@@ -284,3 +284,76 @@ def test_without_skip_nonfinite_a_nan_gradient_reaches_the_weights():
     one_step(model, optimizer, *batch(8, seed=1), poison=math.nan)
     assert not optimizer.last_step_skipped
     assert torch.isnan(model.head.fc.bias).sum().item() == 1  # the poisoned unit only
+
+
+def test_the_skip_flag_is_a_device_tensor_and_grads_keep_only_the_clip():
+    model = small_nfnet(skip_gain=0.5)
+    optimizer = SGD_AGC(param_groups(model, 0.05, CLIPPING), lr=0.5, skip_nonfinite=True)
+    images, labels = batch(8, seed=5)
+    one_step(model, optimizer, images, labels)
+    flag = optimizer.last_step_skipped
+    assert isinstance(flag, torch.Tensor) and flag.shape == () and flag.dtype == torch.bool
+    assert flag.device == model.head.fc.bias.grad.device and not flag
+    # The decay is added on a copy: .grad holds the clipped gradient, which AGC alone scaled.
+    optimizer.zero_grad()
+    F.cross_entropy(model(images), labels).backward()
+    raw = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if name == "head.fc.weight":  # not clipped (DM experiment_nfnets.py): untouched
+            assert torch.equal(param.grad, raw[name])
+            continue
+        # Clipped: each unit is its raw gradient times a scale in (0, 1]; the decay (a multiple
+        # of the weight) would have turned it away from the raw direction.
+        units = param.shape[0] if param.ndim > 1 else 1
+        grad, before = param.grad.reshape(units, -1), raw[name].reshape(units, -1)
+        norms = before.square().sum(1, keepdim=True).clamp_min(1e-30)  # some units get no grad
+        scale = (grad * before).sum(1, keepdim=True) / norms
+        torch.testing.assert_close(grad, before * scale, rtol=1e-5, atol=1e-9)
+        assert bool(((scale >= 0) & (scale <= 1 + 1e-6)).all()), name
+
+
+def test_a_gradient_in_another_memory_layout_takes_the_same_step():
+    models = [small_nfnet(skip_gain=0.5), small_nfnet(skip_gain=0.5)]
+    optimizers = [SGD_AGC(param_groups(m, 2e-5, CLIPPING), lr=0.5) for m in models]
+    images, labels = batch(8, seed=3)
+    for _ in range(2):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+        for param in models[1].parameters():
+            if param.ndim == 4:  # the fused update walks memory order: the layouts must agree
+                param.grad = param.grad.contiguous(memory_format=torch.channels_last)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert any(
+        p.grad.is_contiguous(memory_format=torch.channels_last)
+        for p in models[1].parameters()
+        if p.ndim == 4
+    )
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_skip_is_decided_without_a_host_sync():
+    model = small_nfnet(skip_gain=0.5).cuda()
+    optimizer = SGD_AGC(param_groups(model, 2e-5, CLIPPING), lr=0.5, skip_nonfinite=True)
+    images, labels = (tensor.cuda() for tensor in batch(8, seed=5))
+    one_step(model, optimizer, images, labels)
+    weights = copy.deepcopy(model.state_dict())
+    state = optimizer.state
+    buffers = {name: state[p]["momentum_buffer"].clone() for name, p in model.named_parameters()}
+    optimizer.zero_grad()
+    F.cross_entropy(model(images), labels).backward()
+    model.head.fc.bias.grad[3] = math.nan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host read or blocking copy in step() raises
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert optimizer.last_step_skipped.is_cuda and bool(optimizer.last_step_skipped)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), weights[name]), name
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], buffers[name]), name

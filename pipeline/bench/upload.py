@@ -1,0 +1,221 @@
+"""``python -m pipeline.bench upload``: a training step's time while a checkpoint uploads.
+
+A checkpoint the size of ``nfnet_f0``'s (weights, momentum, EMA: ~860 MB; the parameters of a
+freshly built model, no forward needed) is staged by the Trainer's own code
+(``pipeline.train.checkpoint.stage``) and stored by Ray Train's own upload
+(``StorageContext.persist_current_checkpoint``, through ``checkpoint.upload_job`` with its
+retries) into moto's S3 server over HTTP on 127.0.0.1, started by the bench. Meanwhile a small
+model (``nfnet_nano``: forward, backward, SGD on one CPU batch) trains, in one run:
+
+- ordinary: steps with no upload, before and after each upload;
+- async: the upload runs in one background thread — as under ``checkpoint.async_upload``, where
+  Ray Train's worker uploads in its single upload thread — and the steps go on; the figure is
+  the mean step time during the upload over the mean ordinary step (goal: at most 1.1);
+- sync: the step that checkpoints waits for the upload (``checkpoint.async_upload: false``).
+
+The staging (``checkpoint/step_seconds`` of an async checkpoint), the upload seconds and the
+training time each mode lost to the checkpoint are reported beside them. moto's server runs on
+this machine, so on a small machine it takes CPU from the steps that a remote object store would
+not: read the async figure with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import s3fs
+import torch
+import torch.nn.functional as F
+
+from pipeline.bench.latency import _moto, _options
+from pipeline.models import create_model
+from pipeline.optim import SGD_AGC, ModelEma, param_groups
+from pipeline.run.launch import storage_target
+from pipeline.train import checkpoint as ckpt
+
+GOAL = 1.1  # a step during an async upload costs at most 1.1 ordinary steps
+BUCKET = "bench-upload"
+
+
+def checkpoint_parts(name: str):
+    """Model, optimizer with a momentum buffer per parameter, and EMA of the variant ``name``."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=1000)
+    optimizer = SGD_AGC(param_groups(model, 2e-5, 0.01), lr=0.1)  # DM: lambda 0.01 at 4096
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            optimizer.state[parameter]["momentum_buffer"] = torch.randn_like(parameter)
+    return model, optimizer, ModelEma(model)
+
+
+def step_fn(resolution: int, batch: int) -> Callable[[], float]:
+    """One nfnet_nano training step on a fixed CPU batch; returns its seconds."""
+    torch.manual_seed(0)
+    model = create_model("nfnet_nano", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch, 3, resolution, resolution)
+    labels = torch.randint(0, 10, (batch,))
+
+    def step() -> float:
+        tick = time.perf_counter()
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - tick
+
+    return step
+
+
+def steps_for(step: Callable[[], float], seconds: float) -> list[float]:
+    """Step times for about ``seconds``."""
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        times.append(step())
+    return times
+
+
+class Store:
+    """Ray Train's storage of checkpoints under ``s3://BUCKET/runs/bench`` on the moto server."""
+
+    def __init__(self, endpoint: str) -> None:
+        from ray.train.v2._internal.execution.storage import StorageContext
+
+        options = _options(endpoint)
+        s3fs.S3FileSystem(**options).mkdir(BUCKET)
+        path, filesystem = storage_target(f"s3://{BUCKET}/runs", options)
+        self.url = f"s3://{BUCKET}/runs/bench"
+        self.storage = StorageContext(path, "bench", filesystem)
+        self.count = 0
+
+    def whole(self) -> int:
+        """How many stored checkpoints hold every file a checkpoint has."""
+        from pyarrow.fs import FileSelector
+
+        expected = {*ckpt.WEIGHTS_FILES.values(), "optimizer.safetensors", ckpt.STATE_FILE}
+        count = 0
+        for index in range(1, self.count + 1):
+            path = self.storage.build_checkpoint_path_from_name(f"step_{index:09d}")
+            infos = self.storage.storage_filesystem.get_file_info(FileSelector(path))
+            count += {info.base_name for info in infos} == expected
+        return count
+
+    def job(self, staged: str) -> Callable[[], float]:
+        """The upload of the folder ``staged`` as a new checkpoint: returns its seconds."""
+        import ray.train
+
+        self.count += 1
+        name = f"step_{self.count:09d}"
+        checkpoint = ray.train.Checkpoint.from_directory(staged)
+        upload = ckpt.Upload(self.count)
+
+        def run() -> float:
+            ckpt.upload_job(upload, lambda: ckpt.persist(self.storage, checkpoint, name, self.url))
+            shutil.rmtree(staged, ignore_errors=True)  # as Ray Train does after an upload
+            return upload.seconds
+
+        return run
+
+
+def measure(variant: str, resolution: int, batch: int, window: float) -> dict[str, float]:
+    """Ordinary, async-upload and sync-upload step times and the checkpoint's costs."""
+    model, optimizer, ema = checkpoint_parts(variant)
+    state = {"step": 1, "run_id": None}
+    step = step_fn(resolution, batch)
+    steps_for(step, window / 2)  # warm-up
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    moto = _moto(port)
+    figures: dict[str, float] = {}
+    try:
+        store = Store(f"http://127.0.0.1:{port}")
+        ordinary = steps_for(step, window)
+        # async: staged at the step boundary, uploaded by one background thread
+        tick = time.perf_counter()
+        staged = ckpt.stage(model, optimizer, ema, state)
+        figures["stage_s"] = time.perf_counter() - tick
+        figures["checkpoint_bytes"] = float(sum(p.stat().st_size for p in Path(staged).iterdir()))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(store.job(staged))
+            during = [step()]
+            while not future.done():
+                during.append(step())
+            figures["async_upload_s"] = future.result()
+        ordinary += steps_for(step, window)
+        # sync: the checkpointing step stages, uploads, then steps
+        tick = time.perf_counter()
+        store.job(ckpt.stage(model, optimizer, ema, state))()
+        step()
+        figures["sync_step_s"] = time.perf_counter() - tick
+        ordinary += steps_for(step, window)
+        figures["stored_whole"] = float(store.whole())
+    finally:
+        moto.terminate()
+        moto.wait()
+    mean_ordinary = statistics.mean(ordinary)
+    figures |= {
+        "ordinary_step_ms": 1e3 * mean_ordinary,
+        "ordinary_step_ms_median": 1e3 * statistics.median(ordinary),
+        "async_step_ms": 1e3 * statistics.mean(during),
+        "async_step_ms_median": 1e3 * statistics.median(during),
+        "async_steps": float(len(during)),
+        "async_vs_ordinary": statistics.mean(during) / mean_ordinary,
+        "async_vs_ordinary_median": statistics.median(during) / statistics.median(ordinary),
+        "sync_vs_ordinary": figures["sync_step_s"] / mean_ordinary,
+        # Training time the checkpoint cost: async, the staging plus what the steps during the
+        # upload took beyond ordinary steps; sync, the checkpointing step beyond an ordinary one.
+        "async_lost_s": figures["stage_s"] + sum(during) - len(during) * mean_ordinary,
+        "sync_lost_s": figures["sync_step_s"] - mean_ordinary,
+    }
+    return figures
+
+
+def main(argv: list[str]) -> dict:
+    """Run the measurement, print the report and return the figures."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench upload")
+    parser.add_argument("--variant", default="nfnet_f0", help="the checkpoint's model")
+    parser.add_argument("--resolution", type=int, default=64, help="nfnet_nano steps' images")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the steps")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of ordinary steps")
+    parser.add_argument("--smoke", action="store_true", help="nfnet_nano's checkpoint, seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.variant, args.resolution, args.batch, args.window = "nfnet_nano", 32, 4, 1.0
+    torch.set_num_threads(args.threads)
+    figures = measure(args.variant, args.resolution, args.batch, args.window)
+    figures["goal"] = GOAL
+    figures["goal_met"] = figures["async_vs_ordinary"] <= GOAL
+    size = figures["checkpoint_bytes"] / 1e6
+    print(
+        f"checkpoint of {args.variant} ({size:.0f} MB: weights, momentum, EMA) to moto's S3 on "
+        f"127.0.0.1; steps of nfnet_nano, batch {args.batch} at {args.resolution} px, "
+        f"{args.threads} torch thread(s)"
+    )
+    print(f"  ordinary step:             {figures['ordinary_step_ms']:8.1f} ms")
+    print(
+        f"  step during async upload:  {figures['async_step_ms']:8.1f} ms  "
+        f"({figures['async_vs_ordinary']:.2f}x; median {figures['async_vs_ordinary_median']:.2f}x;"
+        f" {figures['async_steps']:.0f} steps in {figures['async_upload_s']:.1f} s of upload)"
+    )
+    print(
+        f"  checkpointing step, sync:  {1e3 * figures['sync_step_s']:8.1f} ms  "
+        f"({figures['sync_vs_ordinary']:.0f}x)"
+    )
+    print(f"  staging (blocks the step): {1e3 * figures['stage_s']:8.1f} ms")
+    print(
+        f"  training time lost to the checkpoint: async {figures['async_lost_s']:.1f} s "
+        f"(staging and slower steps), sync {figures['sync_lost_s']:.1f} s"
+    )
+    verdict = "met" if figures["goal_met"] else "missed"
+    print(f"  goal: async <= {GOAL}x an ordinary step: {verdict}")
+    return figures
