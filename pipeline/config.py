@@ -175,7 +175,12 @@ class ScalingSection(Section):
     """Ray cluster and workers."""
 
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local cluster")
-    num_workers: int = Field(1, gt=0)
+    num_workers: int | tuple[int, int] = Field(
+        1, description="[min, max]: an elastic run (Ray Train restarts it on the workers it has)"
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, description="an elastic run checks this often whether it can grow (Ray's 60)"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
@@ -183,6 +188,33 @@ class ScalingSection(Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="the device's peak for train/mfu; None: table by name or probe"
     )
+
+    @model_validator(mode="after")
+    def _workers_positive(self) -> ScalingSection:
+        low, high = self.worker_range
+        if low < 1 or high < low:
+            raise ValueError(
+                f"scaling.num_workers: {self.num_workers} is not a worker count (at least 1) or "
+                "a range [min, max] with 1 <= min <= max"
+            )
+        if low < high and self.max_failures == 0:
+            raise ValueError(
+                f"scaling.max_failures: 0 ends an elastic run (scaling.num_workers: "
+                f"{list(self.worker_range)}) at its first lost worker instead of shrinking it; "
+                "set it to the restarts allowed, or -1 for no limit"
+            )
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; the same number twice for a fixed-size run."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else n
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run starts with: what the plan is made for."""
+        return self.worker_range[1]
 
 
 class RunConfig(Section):
@@ -198,20 +230,28 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunConfig:
-        per_step = self.train.micro_batch * self.scaling.num_workers
-        if self.train.global_batch % per_step:
-            raise ValueError(
-                f"train.global_batch={self.train.global_batch} is not divisible by "
-                f"train.micro_batch × scaling.num_workers = {self.train.micro_batch} × "
-                f"{self.scaling.num_workers} = {per_step}; choose a micro-batch or worker count "
-                "that divides it"
-            )
+        low, high = self.scaling.worker_range
+        for workers in range(low, high + 1):  # an elastic run may run on any count in its range
+            per_step = self.train.micro_batch * workers
+            if self.train.global_batch % per_step:
+                raise ValueError(
+                    f"train.global_batch={self.train.global_batch} is not divisible by "
+                    f"train.micro_batch × scaling.num_workers = {self.train.micro_batch} × "
+                    f"{workers} = {per_step}; choose a micro-batch or worker count "
+                    "that divides it"
+                    + (
+                        f" (an elastic run may run on any count in {low}..{high})"
+                        if low < high
+                        else ""
+                    )
+                )
         return self
 
     @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per worker per optimizer step: global = micro × accumulation × workers."""
-        return self.train.global_batch // (self.train.micro_batch * self.scaling.num_workers)
+        """Micro-batches per worker per optimizer step: global = micro × accumulation × workers
+        (on the most workers an elastic run has)."""
+        return self.train.global_batch // (self.train.micro_batch * self.scaling.max_workers)
 
     def with_absolute_paths(self) -> RunConfig:
         """A copy whose local paths and file:// URLs are absolute.

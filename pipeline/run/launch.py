@@ -48,6 +48,7 @@ def default_run_name(config: RunConfig, kind: str, origin: dict[str, Any] | None
     # Neither changes the data or the parameters (pipeline.data.streams): the same command on
     # another worker count resumes the same run.
     settings["scaling"].pop("num_workers")
+    settings["scaling"].pop("elastic_resize_interval_s")
     settings["data"].pop("loader_workers")
     settings["tracking"].pop("uri")  # the same store, however its path is written
     identity = {"config": settings, "origin": {k: v for k, v in (origin or {}).items() if v}}
@@ -183,9 +184,10 @@ def launch(
             "init": init,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
+            num_workers=scaling.num_workers,  # (min, max): Ray Train's elastic scaling
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,

@@ -238,9 +238,10 @@ def check_cluster(config: RunConfig) -> None:
         import torch
 
         gpus, where = torch.cuda.device_count(), "this machine (no Ray address given)"
-    if scaling.use_gpu and gpus < scaling.num_workers:
+    least = scaling.worker_range[0]  # an elastic run starts once its minimum fits
+    if scaling.use_gpu and gpus < least:
         raise ConfigError(
-            f"scaling.use_gpu: {scaling.num_workers} workers need {scaling.num_workers} GPUs but "
+            f"scaling.use_gpu: {least} workers need {least} GPUs but "
             f"{where} has {int(gpus)}; set scaling.use_gpu=false or point scaling.ray_address "
             "at a GPU cluster"
         )
@@ -250,6 +251,8 @@ def describe_plan(config: RunConfig, plan: Plan) -> str:
     """The dry run's report: resolved config, DeepSpeed config, scaling plan."""
     own = plan.train_streams // plan.num_workers
     layout = Layout(0, plan.num_workers, plan.accumulation_steps, plan.train_streams)
+    low, high = config.scaling.worker_range
+    elastic = f" (elastic: restarts on {low} to {high} workers)" if low < high else ""
     return "\n".join(
         [
             "# resolved config\n"
@@ -257,7 +260,7 @@ def describe_plan(config: RunConfig, plan: Plan) -> str:
             "# DeepSpeed config\n" + json.dumps(deepspeed_config(config, plan), indent=2),
             "# scaling plan\n"
             f"global batch {plan.global_batch} = micro-batch {plan.micro_batch} × accumulation "
-            f"{plan.accumulation_steps} × workers {plan.num_workers}\n"
+            f"{plan.accumulation_steps} × workers {plan.num_workers}{elastic}\n"
             f"data: {plan.train_streams} canonical streams (any worker count dividing "
             f"{plan.global_batch // plan.micro_batch} resumes with the same data), {own} per "
             f"worker, {layout.loader_processes(config.data.loader_workers)} loader processes "

@@ -9,7 +9,7 @@ done. The driver prints it for ``--dry-run`` and hands it to every worker.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
@@ -104,7 +104,7 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
         global_batch=train.global_batch,
         micro_batch=train.micro_batch,
         accumulation_steps=config.accumulation_steps,
-        num_workers=scaling.num_workers,
+        num_workers=scaling.max_workers,
         train_streams=streams,
         peak_lr=_pick(optim.lr, base_learning_rate(train.global_batch, optim.lr_per_256)),
         clipping=clipping,
@@ -119,6 +119,22 @@ def make_plan(config: RunConfig, num_classes: int, train_samples: int, val_sampl
         precision=precision,
         channels_last=_pick(train.channels_last, True),
     )
+
+
+def on_workers(plan: Plan, workers: int) -> Plan:
+    """The plan of a run that Ray Train started on ``workers`` workers (an elastic run's count
+    changes from start to start): the same global batch, micro-batch, streams, lr and λ, with
+    the accumulation re-derived."""
+    if workers == plan.num_workers:
+        return plan
+    micro_batches = plan.global_batch // plan.micro_batch
+    if micro_batches % workers or plan.train_streams % workers:
+        raise ConfigError(
+            f"scaling.num_workers: {workers} workers cannot share train.global_batch / "
+            f"train.micro_batch = {micro_batches} micro-batches and data.streams = "
+            f"{plan.train_streams} evenly"
+        )
+    return replace(plan, num_workers=workers, accumulation_steps=micro_batches // workers)
 
 
 def deepspeed_config(config: RunConfig, plan: Plan) -> dict[str, Any]:

@@ -81,6 +81,49 @@ def record_steps_lost(uri: str, run_id: str, resumed_from: int) -> int | None:
     return total
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A drain notice that another rank received: its deadline (epoch ms; None: none given)."""
+
+    deadline_ms: int | None
+    preempted_node_ids: tuple[str, ...] = ()
+
+
+def local_notice() -> Any:
+    """The PreemptionInfo Ray Train handed this worker, or None.
+
+    Not ``ray.train.get_preemption_info()``: Ray relaxes that collective during a preemption, and
+    with the drained node holding rank 1 the ranks were seen to part ways (no rank checkpointed
+    and the run lost the steps since its last checkpoint). Each rank reads its own notice here,
+    and ``agreed_notice`` makes them agree at the same step.
+    """
+    from ray.train.v2._internal.execution.context import get_train_context  # deferred: Ray
+
+    try:
+        return get_train_context().preemption_context.preemption_info
+    except RuntimeError:  # not a Ray Train worker (the benchmarks' runs without Ray): no drains
+        return None
+
+
+def agreed_notice(local: Any) -> Any:
+    """A notice on every rank if any rank has one (a max all-reduce over the training's process
+    group, at the same step on every rank), else None; one process: its own."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    deadline = float(getattr(local, "deadline_ms", None) or 0)
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    flags = torch.tensor([float(local is not None), deadline], dtype=torch.float64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if not flags[0]:
+        return None
+    return local or Notice(int(flags[1]) or None)
+
+
 class StepBoundary:
     """Decides, after each step, whether to checkpoint, stop or hold (see the module doc)."""
 
@@ -129,9 +172,7 @@ class StepBoundary:
         every = self.config.checkpoint.preemption_check_every
         if self.noticed or not every or step % every:
             return None
-        import ray.train  # deferred: Ray is imported only where a worker runs
-
-        notice = ray.train.get_preemption_info()  # a collective: every rank, the same value
+        notice = agreed_notice(local_notice())
         self.noticed = notice is not None
         return notice
 

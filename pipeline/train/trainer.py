@@ -283,6 +283,7 @@ class Trainer:
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "data/skipped_samples": float(self.batches.skipped),
             "train/nonfinite_steps": float(self.nonfinite.total),
+            "train/world_size": float(self.plan.num_workers),  # an elastic run's changes
         }
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.step)

@@ -6,11 +6,12 @@ import os
 import re
 import sys
 
+import ray.train
 import torch
 
 from pipeline import logs
 from pipeline.config import RunConfig
-from pipeline.train.plan import Plan
+from pipeline.train.plan import Plan, on_workers
 from pipeline.train.trainer import Trainer
 
 
@@ -49,7 +50,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     use_this_environments_build_tools()
     config = RunConfig.model_validate(loop_config["config"])
-    plan = Plan(**loop_config["plan"])
+    # An elastic run starts on as many workers as Ray Train found: the same global batch, the
+    # accumulation re-derived (pipeline.data.streams keeps the data the same).
+    plan = on_workers(Plan(**loop_config["plan"]), ray.train.get_context().get_world_size())
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     Trainer(
         config, plan, loop_config["run_id"], loop_config["run_url"], loop_config["init"]

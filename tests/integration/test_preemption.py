@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -130,13 +129,13 @@ def test_a_checkpoint_whose_upload_fails_is_never_the_one_a_restart_picks(
     print(f"cut with {failed} holding {seen['files']}; resumed at {previous}; lost {lost:.0f}")
 
 
-# --- a drained node -----------------------------------------------------------------------------
+# --- a drained node, an elastic run ------------------------------------------------------------
 
 
 def start_nodes(cluster, resources: list[str]) -> None:
-    """Join one node per custom resource (2 CPUs, 2 of the shared ``spot`` slots) at once."""
-    with ThreadPoolExecutor(len(resources)) as pool:
-        list(pool.map(lambda r: cluster.add_node(num_cpus=2, resources=r), resources))
+    """Join one node per custom resource (2 CPUs, 2 of the shared ``spot`` slots)."""
+    for r in resources:
+        cluster.add_node(num_cpus=2, resources=r)
 
 
 def worker_nodes(cluster) -> dict[str, str]:
@@ -165,60 +164,96 @@ def step_reached(log_path: Path) -> int:
     return int(steps[-1]) if steps else 0
 
 
-def test_a_drained_nodes_run_checkpoints_at_once_and_loses_at_most_one_step(
+def world_sizes(uri: str, experiment: str) -> list[int]:
+    """The run's ``train/world_size`` in the order it was logged, repeats dropped."""
+    client, run = only_run(uri, experiment)
+    history = client.get_metric_history(run.info.run_id, "train/world_size")
+    sizes = [int(m.value) for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+    return [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
+
+
+def drain(cluster, node_id: str, deadline_s: int) -> None:
+    """``ray drain-node`` as a spot reclaim: a preemption with a deadline."""
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "drain-node",
+            "--address", cluster.address, "--node-id", node_id,
+            "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message", "spot instance reclaimed (test)",
+            "--deadline-remaining-seconds", str(deadline_s),
+        ],
+        env=cluster.env(), check=True, capture_output=True,
+    )  # fmt: skip
+
+
+def test_an_elastic_run_grows_when_a_node_joins_and_a_drain_costs_it_at_most_one_step(
     ray_cluster, mlflow_server, tmp_path
 ):
+    """One spot slot per node, ``scaling.num_workers: [1, 2]``: the run starts on the one node
+    there is, grows to 2 workers when a second joins, and when that node is drained checkpoints
+    at the next step boundary (at most 1 step lost) and goes on with 1 worker on the node left;
+    one MLflow run, every step logged once."""
     tag = secrets.token_hex(3)
-    spot, first, second = f"spot_{tag}", f"spot_a_{tag}", f"spot_b_{tag}"
-    start_nodes(ray_cluster, [f'{{"{spot}": 2, "{name}": 1}}' for name in (first, second)])
+    spot, first, second = (f"spot{s}_{tag}" for s in ("", "_a", "_b"))
+    every, steps = 10, 600  # Ray's view of new nodes is refreshed every 20 s: the run outlasts it
     config = tiny_synthetic_config(
-        tmp_path, "drain", mlflow_server,
-        train={"steps": 200, "eval_every": 1000},
-        checkpoint={"every_steps": 1000, "preemption_check_every": 1},
-        scaling={"resources_per_worker": {spot: 1}},
+        tmp_path, "elastic", mlflow_server,
+        train={"steps": steps, "eval_every": 1000},
+        checkpoint={"every_steps": every, "preemption_check_every": 1},
+        scaling={
+            "num_workers": [1, 2], "elastic_resize_interval_s": 2, "max_failures": -1,
+            "resources_per_worker": {spot: 1},
+        },
     )  # fmt: skip
     poll = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}  # Ray's watcher: 5 s by default
-    experiment = f"{tmp_path.name}-drain"
+    experiment = f"{tmp_path.name}-elastic"
     log_path = tmp_path / "driver.log"
     try:
+        start_nodes(ray_cluster, [f'{{"{spot}": 1, "{first}": 1}}'])
         with driver(ray_cluster, config, log_path, **poll) as process:
+            # One node with a slot: the run starts on 1 worker (its minimum), not waiting for 2.
             assert wait_until(lambda: step_reached(log_path) >= 10, timeout=240)
+            assert len(worker_nodes(ray_cluster)) == 1
+            start_nodes(ray_cluster, [f'{{"{spot}": 1, "{second}": 1}}'])  # capacity comes
+            grown = lambda: len(worker_nodes(ray_cluster)) == 2  # noqa: E731
+            assert wait_until(grown, timeout=120, interval=0.5), log_path.read_text()[-3000:]
+            on_two = step_reached(log_path)
+            assert wait_until(lambda: step_reached(log_path) >= on_two + 5, timeout=120)
             before = worker_nodes(ray_cluster)
-            drained_node = next(iter(before.values()))
-            drained = first if drained_node == node_with(ray_cluster, first) else second
+            drained_node = node_with(ray_cluster, second)
             reached, drained_at = step_reached(log_path), time.time()
-            subprocess.run(
-                [
-                    str(Path(sys.executable).parent / "ray"), "drain-node",
-                    "--address", ray_cluster.address, "--node-id", drained_node,
-                    "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                    "--reason-message", "spot instance reclaimed (test)",
-                    "--deadline-remaining-seconds", "12",
-                ],
-                env=ray_cluster.env(), check=True, capture_output=True,
-            )  # fmt: skip
+            drain(ray_cluster, drained_node, 12)
             # At the deadline the node goes, as a reclaimed spot instance does.
             time.sleep(max(0.0, drained_at + 12 - time.time()))
-            stop_ray_processes([drained], signal.SIGKILL)
+            stop_ray_processes([second], signal.SIGKILL)
             restarted = lambda: set(worker_nodes(ray_cluster)) - set(before)  # noqa: E731
-            assert wait_until(restarted, timeout=240, interval=0.5)
-            after = {worker_nodes(ray_cluster)[actor] for actor in restarted()}
+            assert wait_until(restarted, timeout=240, interval=0.5), log_path.read_text()[-3000:]
+            after = set(worker_nodes(ray_cluster).values())
             assert process.wait(timeout=300) == 0, log_path.read_text()[-4000:]
     finally:
         stop_ray_processes([first, second], signal.SIGKILL)
     output = log_path.read_text()
-    saved = registered_checkpoints(tmp_path / "runs")
-    notice_step = int(saved[0].removeprefix("step_"))
-    assert saved == [f"step_{notice_step:09d}", "step_000000200"]  # the notice's, the last
-    assert notice_step >= reached  # checkpointed after the drain, at a step boundary
-    assert f"resumed from checkpoint at step {notice_step}" in output
+    assert world_sizes(mlflow_server, experiment) == [1, 2, 1]
+    assert drained_node not in after  # the shrunk run goes on on the node left
     client, run = only_run(mlflow_server, experiment)  # the same MLflow run throughout
     assert run.info.status == "FINISHED"
-    assert sorted(metric_by_step(mlflow_server, experiment, "train/loss")) == list(range(1, 201))
-    lost = client.get_metric_history(run.info.run_id, "train/steps_lost")
-    assert [m.step for m in lost] == [notice_step] and lost[0].value <= 1
-    assert drained_node not in after  # the restarted workers run on the node left
+    # Every step once, though the steps after a restart's checkpoint were trained again.
+    losses = metric_by_step(mlflow_server, experiment, "train/loss")
+    assert sorted(losses) == list(range(1, steps + 1))
+    history = client.get_metric_history(run.info.run_id, "train/steps_lost")
+    grew, shrank = sorted(history, key=lambda m: m.step)
+    # Growing restarts from the newest checkpoint: at most an interval and an upload behind.
+    assert "on 2 workers x 1 micro-batches each (written on 1 x 2)" in output
+    assert grew.value <= 2 * every
+    # The drain: a checkpoint at the next step boundary, the restart from it.
+    notice_step = shrank.step
+    assert notice_step >= reached and shrank.value - grew.value <= 1
+    assert f"step_{notice_step:09d}" in registered_checkpoints(tmp_path / "runs")
+    assert (
+        f"resumed from checkpoint at step {notice_step} on 1 workers x 2 micro-batches each "
+        "(written on 2 x 1)"
+    ) in output
     print(
-        f"drained at step {reached}, checkpoint at {notice_step} "
-        f"{time.time() - drained_at:.0f} s before the end, lost {lost[0].value:.0f}"
+        f"grew after losing {grew.value:.0f} steps; drained at step {reached}, checkpoint at "
+        f"{notice_step}, lost {shrank.value - grew.value:.0f}"
     )

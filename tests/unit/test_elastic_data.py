@@ -15,7 +15,7 @@ from pipeline.data import write_shards
 from pipeline.data.streams import Layout
 from pipeline.run.preflight import check_resume
 from pipeline.train.batches import ShardBatches, describe_dataset, make_batches
-from pipeline.train.plan import check_resumed_plan, make_plan
+from pipeline.train.plan import check_resumed_plan, make_plan, on_workers
 from tests.helpers.images import IndexedSource
 
 
@@ -166,3 +166,32 @@ def test_a_resume_may_change_the_worker_count_only(shards, tmp_path):
         assert "only scaling.num_workers may change" in str(raised.value)
         with pytest.raises(ConfigError, match=re.escape(named)):
             check_resumed_plan(on_two.as_dict(), other)
+
+
+def test_an_elastic_range_is_planned_for_its_largest_count_and_replanned_per_start(shards):
+    config, plan = run_config(shards, "scaling.num_workers=[1,2]", "scaling.max_failures=-1")
+    assert config.scaling.worker_range == (1, 2)
+    assert (plan.num_workers, plan.accumulation_steps) == (2, 1)
+    on_one = on_workers(plan, 1)  # what a worker of a start on 1 worker runs
+    assert (on_one.num_workers, on_one.accumulation_steps) == (1, 2)
+    assert {
+        k: v for k, v in on_one.as_dict().items() if k not in ("num_workers", "accumulation_steps")
+    } == {k: v for k, v in plan.as_dict().items() if k not in ("num_workers", "accumulation_steps")}
+    assert on_workers(plan, 2) is plan
+    with pytest.raises(ConfigError, match="scaling.num_workers: 3 workers cannot share"):
+        on_workers(plan, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["scaling.num_workers=[1,3]", "scaling.max_failures=-1"], "× 3 = 12"),
+        (["scaling.num_workers=[2,1]"], "scaling.num_workers: (2, 1) is not a worker count"),
+        (["scaling.num_workers=[0,2]"], "scaling.num_workers: (0, 2) is not a worker count"),
+        (["scaling.num_workers=0"], "scaling.num_workers: 0 is not a worker count"),
+        (["scaling.num_workers=[1,2]"], "scaling.max_failures: 0 ends an elastic run"),
+    ],
+)
+def test_a_bad_elastic_range_is_refused_naming_the_key(shards, overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        run_config(shards, *overrides)

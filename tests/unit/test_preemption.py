@@ -19,7 +19,9 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.preemption import (
     STEPS_LOST,
     StepBoundary,
+    agreed_notice,
     deadline_of,
+    local_notice,
     record_steps_lost,
     steps_lost,
 )
@@ -141,3 +143,34 @@ def test_a_nonfinite_checkpoint_leaves_no_staged_folder(tmp_path, monkeypatch):
     with pytest.raises(ckpt.NonfiniteCheckpointError):
         ckpt.stage(model, optimizer, ema, {"step": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outside_ray_train_there_is_no_notice_and_one_process_keeps_its_own():
+    assert local_notice() is None
+    notice = SimpleNamespace(deadline_ms=12_000)
+    assert agreed_notice(notice) is notice and agreed_notice(None) is None
+
+
+def _agree(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # Only rank 1 (the drained node's) was told; both must act, with its deadline.
+        mine = SimpleNamespace(deadline_ms=1_796_000_000_000) if rank == 1 else None
+        agreed = agreed_notice(mine)
+        results[rank] = (agreed is not None, getattr(agreed, "deadline_ms", None))
+        results[rank + 2] = agreed_notice(None) is None  # nobody told: nobody acts
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_notice_one_rank_received_reaches_every_rank_with_its_deadline():
+    import torch.multiprocessing as mp
+
+    from tests.helpers.cluster import free_port
+
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_agree, args=(free_port(), results), nprocs=2)
+    assert results[0] == results[1] == (True, 1_796_000_000_000)
+    assert results[2] and results[3]
