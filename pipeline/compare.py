@@ -1,4 +1,5 @@
-"""``python -m pipeline.compare [RUN_ID ... | --experiment NAME] [--out DIR]``: compare runs.
+"""``python -m pipeline.compare [RUN_ID ... | --experiment NAME | --same-as URI] [--out DIR]``:
+compare runs.
 
 Reads MLflow only. Prints a table (per run: final and best of the main metrics, then the params
 that differ between the runs) and writes PNG plots to ``--out``:
@@ -8,6 +9,10 @@ that differ between the runs) and writes PNG plots to ``--out``:
   per task, with the task's scratch baseline as a horizontal line;
 - ``finetune_vs_scratch.png``: per task, the finetune from the latest checkpoint against scratch.
 
+``--same-as URI``: instead, check that a rerun reproduced: every run of ``--tracking-uri`` (of
+``--experiment``, if given) against the run of the same name in ``URI``, every metric point
+exactly (timing metrics left out); exit 0 when identical, 1 with each difference listed.
+
 Finetune and scratch runs are found through their lineage tags (``pipeline.tracking.TAG_*``) in
 every experiment, so comparing a pretraining run by id also shows its downstream results. An
 experiment of ``python -m pipeline.experiments`` also gets its figure and ``table.md``.
@@ -16,13 +21,16 @@ experiment of ``python -m pipeline.experiments`` also gets its figure and ``tabl
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 from pipeline.analysis import CompareError, compare_runs
+from pipeline.analysis.reproduce import compare_stores, describe
 from pipeline.cli import add_verbosity, bad_input, configure_logging
 
 __all__ = ["compare_runs", "main"]
+log = logging.getLogger("pipeline.compare")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
+    parser.add_argument(
+        "--same-as", metavar="URI", help="check every run against the same-named run at URI"
+    )
     add_verbosity(parser)
     return parser
 
@@ -44,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args)
     try:
+        if args.same_as:
+            result = compare_stores(args.tracking_uri, args.same_as, args.experiment)
+            log.info(describe(result))
+            return 0 if result.identical else 1
         compare_runs(args.tracking_uri, args.run_ids or None, args.experiment, args.out)
     except CompareError as exc:
         return bad_input(str(exc))

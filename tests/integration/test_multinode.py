@@ -37,34 +37,38 @@ def test_two_nodes_one_worker_each_equal_one_node(
     write_shards(shapes(320, 32, seed=3), shards, samples_per_shard=100, val_samples=64,
                  storage_options=options, progress=False)  # fmt: skip
     weights = {}
-    for name, resources in (("one-node", {}), ("two-nodes", {"node_slot": 1})):
-        if resources:
-            ray_cluster.add_node(num_cpus=2, resources='{"node_slot": 1}')
-            before = train_worker_nodes(ray_cluster.dashboard_url)
-        config = small_run_config(
-            tmp_path,
-            name,
-            mlflow_server,
-            data={"train_url": shards, "storage_options": options},
-            checkpoint={
-                "storage_url": s3_endpoint.url("multinode", name),
-                "storage_options": options,
-            },
-            train={"steps": 6, "eval_every": 3},
-            scaling={"resources_per_worker": resources, "cpus_per_worker": 1},
-        )
-        checked(run_pretrain(ray_cluster, config, env=s3_endpoint.env))
-        client, run = only_run(mlflow_server, f"{tmp_path.name}-{name}")
-        assert run.info.status == "FINISHED"
-        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
-        import s3fs
+    try:
+        for name, resources in (("one-node", {}), ("two-nodes", {"node_slot": 1})):
+            if resources:
+                ray_cluster.add_node(num_cpus=2, resources='{"node_slot": 1}')
+                before = train_worker_nodes(ray_cluster.dashboard_url)
+            config = small_run_config(
+                tmp_path,
+                name,
+                mlflow_server,
+                data={"train_url": shards, "storage_options": options},
+                checkpoint={
+                    "storage_url": s3_endpoint.url("multinode", name),
+                    "storage_options": options,
+                },
+                train={"steps": 6, "eval_every": 3},
+                scaling={"resources_per_worker": resources, "cpus_per_worker": 1},
+            )
+            checked(run_pretrain(ray_cluster, config, env=s3_endpoint.env))
+            client, run = only_run(mlflow_server, f"{tmp_path.name}-{name}")
+            assert run.info.status == "FINISHED"
+            assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
+            import s3fs
 
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-        latest = sorted(fs.glob(f"{s3_endpoint.bucket}/multinode/{name}/*/step_*"))[-1]
-        fs.get(f"{latest}/model.safetensors", str(tmp_path / f"{name}.safetensors"))
-        weights[name] = load_file(tmp_path / f"{name}.safetensors")
-
-    after = train_worker_nodes(ray_cluster.dashboard_url)
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+            latest = sorted(fs.glob(f"{s3_endpoint.bucket}/multinode/{name}/*/step_*"))[-1]
+            fs.get(f"{latest}/model.safetensors", str(tmp_path / f"{name}.safetensors"))
+            weights[name] = load_file(tmp_path / f"{name}.safetensors")
+        after = train_worker_nodes(ray_cluster.dashboard_url)
+    finally:
+        ray_cluster.remove_node(
+            "node_slot", graceful=True
+        )  # its log monitor would print every later run twice
     new_workers = {actor: node for actor, node in after.items() if actor not in before}
     assert len(new_workers) == 2
     assert len(set(new_workers.values())) == 2  # one worker on each node

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run.ray_cluster import stop_ray_processes
 from pipeline.tracking import CHECKPOINT_METRIC
 from tests.helpers.cluster import wait_until
 from tests.helpers.runs import ROOT, only_run
@@ -225,13 +223,14 @@ def test_an_elastic_run_grows_when_a_node_joins_and_a_drain_costs_it_at_most_one
             drain(ray_cluster, drained_node, 12)
             # At the deadline the node goes, as a reclaimed spot instance does.
             time.sleep(max(0.0, drained_at + 12 - time.time()))
-            stop_ray_processes([second], signal.SIGKILL)
+            ray_cluster.remove_node(second)
             restarted = lambda: set(worker_nodes(ray_cluster)) - set(before)  # noqa: E731
             assert wait_until(restarted, timeout=240, interval=0.5), log_path.read_text()[-3000:]
             after = set(worker_nodes(ray_cluster).values())
             assert process.wait(timeout=300) == 0, log_path.read_text()[-4000:]
     finally:
-        stop_ray_processes([first, second], signal.SIGKILL)
+        for name in (first, second):
+            ray_cluster.remove_node(name, graceful=True)
     output = log_path.read_text()
     assert world_sizes(mlflow_server, experiment) == [1, 2, 1]
     assert drained_node not in after  # the shrunk run goes on on the node left

@@ -3,6 +3,8 @@ running DeepSpeed with gloo, shards on disk or on moto's S3 server, MLflow over 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from tests.helpers.runs import (
     run_pretrain,
     small_run_config,
 )
+from tests.integration.test_faults import alive_train_actors_of
 
 pytestmark = pytest.mark.integration
 
@@ -193,13 +196,14 @@ def test_resumed_run_equals_uninterrupted_run_on_s3(
     assert sorted(steps) == list(range(1, 11))  # one run, every step once
 
 
-def _kill_one_worker_after_first_checkpoint(runs: Path, killed: list) -> None:
+def _kill_one_worker_after_first_checkpoint(cluster, runs: Path, killed: list) -> None:
+    """SIGKILL one training worker of this session's cluster (not another cluster's on the
+    machine) once the run has a checkpoint."""
     wait_until(lambda: list(runs.glob("*/step_*")), timeout=240, interval=0.2)
-    found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
-    pids = found.stdout.split()
-    if pids:
-        subprocess.run(["kill", "-9", pids[-1]])
-        killed.append(pids[-1])
+    workers = alive_train_actors_of(cluster, "RayTrainWorker")
+    if workers:
+        os.kill(max(workers), signal.SIGKILL)
+        killed.append(max(workers))
 
 
 def test_killed_worker_resumes_from_last_checkpoint_and_finishes(
@@ -216,7 +220,8 @@ def test_killed_worker_resumes_from_last_checkpoint_and_finishes(
     )
     killed: list[str] = []
     watcher = threading.Thread(
-        target=_kill_one_worker_after_first_checkpoint, args=(tmp_path / "runs", killed)
+        target=_kill_one_worker_after_first_checkpoint,
+        args=(ray_cluster, tmp_path / "runs", killed),
     )
     watcher.start()
     output = checked(run_pretrain(ray_cluster, config))
