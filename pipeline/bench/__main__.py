@@ -11,8 +11,9 @@ from pipeline.bench.suites import available_suites, run_suites
 from pipeline.cli import add_verbosity, bad_input, configure_logging
 
 # Run only when named: gpu needs a GPU; e2e trains nfnet_f0 for tens of minutes; upload moves
-# two nfnet_f0 checkpoints (2 x 860 MB) through a local S3 server, minutes on a small machine.
-ON_REQUEST = ("gpu", "e2e", "upload")
+# two nfnet_f0 checkpoints (2 x 860 MB) through a local S3 server, minutes on a small machine;
+# chaos runs two trainings through eight faults (about ten minutes).
+ON_REQUEST = ("gpu", "e2e", "upload", "chaos")
 
 
 def main(argv: list[str] | None = None) -> int:
