@@ -298,7 +298,7 @@ def test_s3_gone_for_good_fails_naming_the_url_and_the_last_checkpoint_stays_loa
         target=cut_after_first_checkpoint, args=(s3_endpoint, tmp_path, s3_proxy, None, times)
     )
     outage.start()
-    result = run_pretrain(ray_cluster, config)
+    result = run_pretrain(ray_cluster, config, timeout=600)  # fails ~20 s after the cut
     outage.join()
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
