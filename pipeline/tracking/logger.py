@@ -89,7 +89,9 @@ class RunLogger:
     def _take(self) -> list[Metric] | None:
         with self._wake:
             while not self._pending and not self._closed:
-                self._wake.wait()
+                # A bounded wait: a notification missed for any reason costs one interval, never
+                # a flush that waits forever (seen: a checkpoint upload stuck in flush()).
+                self._wake.wait(self._flush_interval)
             deadline = time.monotonic() + self._flush_interval
             # Wait for a full batch or the interval: fewer, larger requests to the server.
             while len(self._pending) < self._max_batch and not self._closed:
@@ -142,14 +144,16 @@ class RunLogger:
         """Send everything queued; True when the queue drained within ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._wake:
-            self._flush_requested = True
-            self._wake.notify_all()
             try:
                 while (self._pending or self._in_flight) and self._thread.is_alive():
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return False
-                    self._wake.wait(remaining)
+                    # Asked again at every wake: another thread's flush may have ended and
+                    # cleared the request while this one still waits.
+                    self._flush_requested = True
+                    self._wake.notify_all()
+                    self._wake.wait(1.0 if remaining is None else min(remaining, 1.0))
             finally:
                 self._flush_requested = False
             return not self._pending and not self._in_flight
