@@ -2,7 +2,8 @@
 
 Runs are matched by experiment and run name (the pipeline names a run by a hash of its config,
 so the same command in the same folders gives the same name; where the folders differ, the
-names are matched without their hash, if that leaves each name once); every metric both runs
+names are matched without their hash, and a finetune by its kind, task, pretraining step and seed,
+if that leaves each name once); every metric both runs
 logged is compared point by point (step and value, exactly), except the ones that time the
 machine rather than the training: throughput, MFU, waiting fractions and seconds. What differs
 is listed with its largest difference, so a user sees how far a rerun moved and where; a metric
@@ -16,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from pipeline.analysis.runs import CompareError, Comparison, RunView, open_comparison
+from pipeline.tracking import TAG_PRETRAIN_RUN, TAG_PRETRAIN_STEP, TAG_TASK
 
 # Metrics that measure the machine, not the training: they differ from run to run by design.
 TIMING_MARKS = ("per_s", "mfu", "tflops", "wait_fraction", "allreduce_fraction", "_seconds")
@@ -73,13 +75,32 @@ def _without_hashes(runs: dict[str, RunView]) -> dict[str, RunView] | None:
     return stripped if len(stripped) == len(runs) else None
 
 
+def _by_lineage(runs: dict[str, RunView]) -> dict[str, RunView] | None:
+    """A finetune's name hashes its pretraining run's id, which a rerun changes: such runs are
+    named by what they are instead (kind, task, pretraining step, seed); None when two would
+    share a name."""
+    named = {}
+    for name, view in runs.items():
+        if view.tag(TAG_PRETRAIN_RUN):
+            experiment = name.split("/", 1)[0]
+            seed = view.run.data.params.get("train.seed", "")
+            name = (
+                f"{experiment}/{view.kind} {view.tag(TAG_TASK)} from step "
+                f"{view.tag(TAG_PRETRAIN_STEP)} seed {seed}"
+            )
+        named[name] = view
+    return named if len(named) == len(runs) else None
+
+
 def _match(ours: dict, theirs: dict) -> tuple[dict, dict]:
-    """By full name, or without the hashes where that matches more runs."""
-    ours_s, theirs_s = _without_hashes(ours), _without_hashes(theirs)
-    if ours_s is not None and theirs_s is not None:
-        if len(set(ours_s) & set(theirs_s)) > len(set(ours) & set(theirs)):
-            return ours_s, theirs_s
-    return ours, theirs
+    """By full name, without the hashes, or finetunes by lineage: whichever matches most runs."""
+    best = (ours, theirs)
+    for rename in (_without_hashes, _by_lineage):
+        ours_r, theirs_r = rename(ours), rename(theirs)
+        if ours_r is not None and theirs_r is not None:
+            if len(set(ours_r) & set(theirs_r)) > len(set(best[0]) & set(best[1])):
+                best = (ours_r, theirs_r)
+    return best
 
 
 def _keys(comparison: Comparison, view: RunView) -> set[str]:

@@ -90,3 +90,22 @@ def test_runs_of_other_folders_match_without_their_config_hash(tmp_path):
     result = compare_stores(first, second, experiment="demo")
     assert result.identical and (result.runs, result.points) == (1, 3)
     assert result.one_sided == ["demo/b256-agc: train/world_size"]
+
+
+def test_a_rerun_finetune_is_matched_by_its_lineage_not_its_name(tmp_path):
+    stores = []
+    for name, pretrain_id, finetune in (("a", "1" * 32, "finetune-x-0123abcd"),
+                                        ("b", "2" * 32, "finetune-x-89abcdef")):  # fmt: skip
+        uri = store(tmp_path, name, [2.0, 1.5], images_per_s=1.0)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("demo").experiment_id
+        run = client.create_run(experiment, run_name=finetune).info.run_id
+        for tag, value in (("pipeline.kind", "finetune"), ("pipeline.task", "digits"),
+                           ("pipeline.pretrain_step", "500"),
+                           ("pipeline.pretrain_run_id", pretrain_id)):  # fmt: skip
+            client.set_tag(run, tag, value)
+        client.log_param(run, "train.seed", "1")
+        client.log_metric(run, "val/top1", 0.75, step=150)
+        stores.append(uri)
+    result = compare_stores(*stores)
+    assert result.identical and (result.runs, result.points) == (2, 4)
