@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests
+	@# The unit tests run beside the integration tests, which mostly wait (Ray start-up, drain
+	@# deadlines, backoffs); each process has its own Ray head and servers. Unit output follows.
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit > .unit-tests.log 2>&1 & unit=$$!; \
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration; integration=$$?; \
+	wait $$unit; unit_rc=$$?; echo "--- tests/unit ---"; cat .unit-tests.log; \
+	exit $$(( integration || unit_rc ))
 
 demo: setup
 	$(PY) -m pipeline.demo

@@ -1,10 +1,9 @@
 """Shared pytest set-up: the CPU accelerator for DeepSpeed, the session-wide fixtures, and the
-split of the suite over two pytest-xdist workers (``make test`` runs ``-n 2 --dist loadgroup``).
+chaos soak's options (it runs only when asked: ``python -m pipeline.bench chaos``).
 
-The integration tests spend most of their time waiting (for Ray to start a worker group, for a
-drain's deadline, for a retry's backoff), so the unit tests run beside them in a second worker
-process: each directory is one xdist group, run in order by one worker, with its own Ray cluster
-and MLflow server where its tests ask for them.
+``make test`` runs tests/unit and tests/integration as two pytest processes side by side (the
+integration tests mostly wait: for Ray to start a worker group, a drain's deadline, a retry's
+backoff); each process starts its own Ray head and servers where its tests ask for them.
 """
 
 import os
@@ -19,8 +18,6 @@ pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster"]
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     soak = pytest.mark.skip(reason="the chaos soak runs with --chaos-faults N (bench chaos)")
     for item in items:
-        group = "integration" if "integration" in item.path.parts else "unit"
-        item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("chaos") and not config.getoption("--chaos-faults"):
             item.add_marker(soak)  # before its fixtures start anything
 
