@@ -37,6 +37,15 @@ def use_this_environments_build_tools() -> None:
     )
 
 
+def started_workers(planned: int) -> int:
+    """How many workers Ray Train started this run on; ``planned`` outside Ray Train (the
+    benchmarks and tests that call the worker function in one process)."""
+    try:
+        return ray.train.get_context().get_world_size()
+    except RuntimeError:
+        return planned
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """The function Ray Train runs on every worker.
 
@@ -52,7 +61,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = RunConfig.model_validate(loop_config["config"])
     # An elastic run starts on as many workers as Ray Train found: the same global batch, the
     # accumulation re-derived (pipeline.data.streams keeps the data the same).
-    plan = on_workers(Plan(**loop_config["plan"]), ray.train.get_context().get_world_size())
+    plan = Plan(**loop_config["plan"])
+    plan = on_workers(plan, started_workers(plan.num_workers))
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     Trainer(
         config, plan, loop_config["run_id"], loop_config["run_url"], loop_config["init"]
