@@ -17,23 +17,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-PYTEST := -q -p no:cacheprovider
-# The integration files of the second process: about half of the integration tests' time.
-INTEGRATION_B := tests/integration/test_elastic.py tests/integration/test_faults.py \
-	tests/integration/test_multinode.py tests/integration/test_preemption.py
-
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@# Three pytest processes side by side, each with its own Ray head and servers: the
-	@# integration tests mostly wait (Ray start-up, drain deadlines, backoffs). Their logs follow.
-	$(PY) -m pytest $(PYTEST) tests/unit > .tests-unit.log 2>&1 & unit=$$!; \
-	$(PY) -m pytest $(PYTEST) $(INTEGRATION_B) > .tests-integration-b.log 2>&1 & b=$$!; \
-	$(PY) -m pytest $(PYTEST) tests/integration $(INTEGRATION_B:%=--ignore=%); a=$$?; \
-	wait $$b; b_rc=$$?; wait $$unit; unit_rc=$$?; \
-	echo "--- $(INTEGRATION_B) ---"; cat .tests-integration-b.log; \
-	echo "--- tests/unit ---"; cat .tests-unit.log; \
-	exit $$(( a || b_rc || unit_rc ))
+	@# The unit tests run beside the integration tests, which mostly wait (Ray start-up, drain
+	@# deadlines, backoffs); each process has its own Ray head and servers. Unit output follows.
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit > .tests-unit.log 2>&1 & unit=$$!; \
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration; integration=$$?; \
+	wait $$unit; unit_rc=$$?; echo "--- tests/unit ---"; cat .tests-unit.log; \
+	exit $$(( integration || unit_rc ))
 
 demo: setup
 	$(PY) -m pipeline.demo

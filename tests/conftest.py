@@ -1,8 +1,8 @@
 """Shared pytest set-up: the CPU accelerator for DeepSpeed, the session-wide fixtures, and the
 chaos soak's options (it runs only when asked: ``python -m pipeline.bench chaos``).
 
-``make test`` runs three pytest processes side by side (tests/unit, and the integration tests in
-two halves: they mostly wait, for Ray to start a worker group, a drain's deadline, a retry's
+``make test`` runs tests/unit and tests/integration as two pytest processes side by side (the
+integration tests mostly wait: for Ray to start a worker group, a drain's deadline, a retry's
 backoff); each process starts its own Ray head and servers where its tests ask for them.
 """
 
