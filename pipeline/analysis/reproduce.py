@@ -103,7 +103,7 @@ def _match(ours: dict, theirs: dict) -> tuple[dict, dict]:
     return best
 
 
-def _keys(comparison: Comparison, view: RunView) -> set[str]:
+def _keys(view: RunView) -> set[str]:
     return {key for key in view.run.data.metrics if not is_timing(key)}
 
 
@@ -118,7 +118,7 @@ def compare_stores(uri: str, other_uri: str, experiment: str | None = None) -> R
     for name in sorted(set(ours) & set(theirs)):
         a, b = ours[name], theirs[name]
         result.runs += 1
-        keys_a, keys_b = _keys(first, a), _keys(second, b)
+        keys_a, keys_b = _keys(a), _keys(b)
         result.one_sided += [f"{name}: {key}" for key in sorted(keys_a ^ keys_b)]
         for key in sorted(keys_a & keys_b):
             points_a = {m.step: m.value for m in first.history(a, key)}

@@ -128,11 +128,10 @@ def on_workers(plan: Plan, workers: int) -> Plan:
     if workers == plan.num_workers:
         return plan
     micro_batches = plan.global_batch // plan.micro_batch
-    if micro_batches % workers or plan.train_streams % workers:
+    if micro_batches % workers:  # data.streams is a multiple of micro_batches (make_plan)
         raise ConfigError(
             f"scaling.num_workers: {workers} workers cannot share train.global_batch / "
-            f"train.micro_batch = {micro_batches} micro-batches and data.streams = "
-            f"{plan.train_streams} evenly"
+            f"train.micro_batch = {micro_batches} micro-batches evenly"
         )
     return replace(plan, num_workers=workers, accumulation_steps=micro_batches // workers)
 
