@@ -1,4 +1,5 @@
-"""Session fixtures for integration tests: a real S3 endpoint (moto's server over HTTP).
+"""Fixtures for integration tests: a real S3 endpoint (moto's server over HTTP), a cuttable
+proxy in front of it, and shards on it.
 
 ``s3_endpoint`` starts ``python -m moto.server`` on 127.0.0.1 (as s3fs's own test suite does)
 once per session, with dummy credentials and ``AWS_ENDPOINT_URL`` in the environment, so both
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from pipeline.data import write_shards
+from pipeline.data.sources import shapes
+from tests.fixtures.tcp_proxy import TcpProxy
 from tests.helpers.cluster import free_port, wait_until
 
 CREDENTIALS = {
@@ -106,3 +110,24 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint) -> Iterator[TcpProxy]:
+    """A TCP proxy on 127.0.0.1 in front of the session's moto server; closed afterwards."""
+    host, port = s3_endpoint.endpoint_url.removeprefix("http://").split(":")
+    proxy = TcpProxy(host, int(port))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def s3_shards(s3_endpoint) -> str:
+    """Procedural shapes at 32 px on moto's S3 (written directly, not through a proxy)."""
+    url = s3_endpoint.url("faults", "shapes")
+    options = s3_endpoint.storage_options
+    write_shards(
+        shapes(480, 32, seed=3), url, samples_per_shard=100, val_samples=64,
+        storage_options=options, progress=False,
+    )  # fmt: skip
+    return url

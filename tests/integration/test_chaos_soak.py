@@ -28,21 +28,20 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.helpers.cluster import wait_until
-from tests.helpers.runs import ROOT, max_relative_difference, only_run, small_run_config
-from tests.integration.test_faults import (
+from tests.helpers.faults import (
     CHECKPOINT_FILES,
     alive_train_actors,
     alive_train_actors_of,
     checkpoint_files,
+    drain,
     metric_by_step,
+    node_with,
     s3_checkpoints,
+    step_reached,
     through_proxy,
+    world_sizes,
 )
-from tests.integration.test_faults import s3_proxy as _s3_proxy
-from tests.integration.test_faults import s3_shards as _s3_shards
-from tests.integration.test_preemption import drain, node_with, step_reached, world_sizes
-
-s3_proxy, s3_shards = _s3_proxy, _s3_shards  # the fault tests' fixtures, used here too
+from tests.helpers.runs import ROOT, max_relative_difference, only_run, small_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

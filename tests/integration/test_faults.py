@@ -20,32 +20,25 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from pipeline.data import write_shards
-from pipeline.data.sources import shapes
 from pipeline.models import create_model
 from pipeline.optim import SGD_AGC, ModelEma, param_groups
 from pipeline.train import checkpoint as ckpt
-from tests.fixtures.tcp_proxy import TcpProxy
 from tests.helpers.cluster import wait_until
-from tests.helpers.runs import ROOT, checked, only_run, run_pretrain, small_run_config
+from tests.helpers.faults import (
+    CHECKPOINT_FILES,
+    alive_train_actors,
+    alive_train_actors_of,
+    checkpoint_files,
+    metric_by_step,
+    registered_checkpoints,
+    s3_checkpoints,
+    s3_run_config,
+    through_proxy,
+    tiny_synthetic_config,
+)
+from tests.helpers.runs import ROOT, checked, only_run, run_pretrain
 
 pytestmark = pytest.mark.integration
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
-
-
-def tiny_synthetic_config(
-    tmp_path: Path, name: str, tracking_uri: str, url_extra: str = "", **sections
-):
-    """nfnet_nano on 16 px synthetic data, 2 workers × micro-batch 8, a checkpoint every 2 steps."""
-    url = f"synthetic://?samples=64&resolution=16&classes=4{url_extra}"
-    merged = {
-        "data": {"train_url": url},
-        "train": {"steps": 6, "eval_every": 100, "eval_batches": 1},
-        "checkpoint": {"every_steps": 2, "keep": 10},
-    }
-    for section, values in sections.items():
-        merged.setdefault(section, {}).update(values)
-    return small_run_config(tmp_path, name, tracking_uri, **merged)
 
 
 def checkpoints(tmp_path: Path) -> dict[str, Path]:
@@ -55,13 +48,6 @@ def checkpoints(tmp_path: Path) -> dict[str, Path]:
 
 def tensors(folder: Path) -> dict[str, dict]:
     return {name: load_file(folder / name) for name in CHECKPOINT_FILES}
-
-
-def metric_by_step(uri: str, experiment: str, key: str) -> dict[int, float]:
-    client, run = only_run(uri, experiment)
-    history = client.get_metric_history(run.info.run_id, key)
-    assert len({m.step for m in history}) == len(history), "a step was logged twice"
-    return {m.step: m.value for m in history}
 
 
 # --- 1. NaN / Inf -----------------------------------------------------------------------------
@@ -115,31 +101,12 @@ def test_nonfinite_stop_fails_naming_the_key_and_writes_no_checkpoint_after_the_
 # --- 2. driver killed -------------------------------------------------------------------------
 
 
-def alive_train_actors(cluster) -> dict[int, str]:
-    """``{pid: class name}`` of the live Ray Train actors (controller, workers) of the cluster."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
-    return {a.pid: a.class_name for a in actors if "Train" in a.class_name}
-
-
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
-
-
-def registered_checkpoints(runs: Path) -> list[str]:
-    """The checkpoints Ray Train's snapshot lists: those a restarted run can resume from."""
-    found = set()
-    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            found |= set(re.findall(r"step_\d{9}", snapshot.read_text()))
-        except OSError:
-            continue
-    return sorted(found)
 
 
 def test_killed_driver_rerun_resumes_the_same_mlflow_run_from_its_checkpoint(
@@ -188,63 +155,6 @@ def test_killed_driver_rerun_resumes_the_same_mlflow_run_from_its_checkpoint(
 
 
 # --- 3. S3 outage -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def s3_proxy(s3_endpoint) -> Iterator[TcpProxy]:
-    """A TCP proxy on 127.0.0.1 in front of the session's moto server; closed afterwards."""
-    host, port = s3_endpoint.endpoint_url.removeprefix("http://").split(":")
-    proxy = TcpProxy(host, int(port))
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture(scope="module")
-def s3_shards(s3_endpoint) -> str:
-    """Procedural shapes at 32 px on moto's S3 (written directly, not through a proxy)."""
-    url = s3_endpoint.url("faults", "shapes")
-    options = s3_endpoint.storage_options
-    write_shards(
-        shapes(480, 32, seed=3), url, samples_per_shard=100, val_samples=64,
-        storage_options=options, progress=False,
-    )  # fmt: skip
-    return url
-
-
-def through_proxy(s3_endpoint, proxy: TcpProxy, **extra) -> dict:
-    """s3fs options that reach moto through ``proxy``."""
-    options = s3_endpoint.storage_options
-    return {**options, "client_kwargs": {"endpoint_url": proxy.endpoint_url}, **extra}
-
-
-def s3_run_config(tmp_path, name, mlflow_server, s3_endpoint, shards, options, **sections):
-    """Shards and checkpoints both on S3 through the proxy; nfnet_nano, 2 workers."""
-    merged = {
-        "data": {"train_url": shards, "storage_options": options},
-        "checkpoint": {
-            "storage_url": s3_endpoint.url("fault-runs", tmp_path.name),
-            "storage_options": options,
-            "every_steps": 5,
-            "keep": 10,
-        },
-        "train": {"steps": 40, "eval_every": 1000, "eval_batches": 1},
-    }
-    for section, values in sections.items():
-        merged.setdefault(section, {}).update(values)
-    return small_run_config(tmp_path, name, mlflow_server, **merged)
-
-
-def s3_checkpoints(s3_endpoint, tmp_path) -> tuple[list[str], list[str]]:
-    """(checkpoint folders in the bucket, those Ray Train's snapshot lists), read past the proxy."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
-    root = f"{s3_endpoint.bucket}/fault-runs/{tmp_path.name}"
-    folders = sorted(path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/*/step_*"))
-    registered = set()
-    for snapshot in fs.glob(f"{root}/*/checkpoint_manager_snapshot.json"):
-        registered |= set(re.findall(r"step_\d{9}", fs.cat_file(snapshot).decode()))
-    return folders, sorted(registered)
 
 
 def cut_after_first_checkpoint(s3_endpoint, tmp_path, proxy, outage_s: float | None, times):
@@ -353,18 +263,6 @@ def kill_workers_mid_upload(s3_endpoint, tmp_path, proxy, seen: dict) -> None:
         for pid in seen["workers"]:
             os.kill(pid, signal.SIGKILL)
     proxy.throttle(None)
-
-
-def checkpoint_files(s3_endpoint, tmp_path, name: str) -> list[str]:
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
-    root = f"{s3_endpoint.bucket}/fault-runs/{tmp_path.name}"
-    return sorted(path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/*/{name}/*"))
-
-
-def alive_train_actors_of(cluster, class_name: str) -> list[int]:
-    return [pid for pid, name in alive_train_actors(cluster).items() if name == class_name]
 
 
 def test_a_worker_killed_mid_checkpoint_write_resumes_from_the_previous_checkpoint(

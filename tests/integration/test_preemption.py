@@ -4,55 +4,35 @@ extra ``ray start --address`` nodes of the session's cluster on 127.0.0.1."""
 
 from __future__ import annotations
 
-import contextlib
-import re
 import secrets
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.tracking import CHECKPOINT_METRIC
 from tests.helpers.cluster import wait_until
-from tests.helpers.runs import ROOT, only_run
-from tests.integration.test_faults import (
+from tests.helpers.faults import (
     CHECKPOINT_FILES,
     checkpoint_files,
+    drain,
+    driver,
     metric_by_step,
+    node_with,
     registered_checkpoints,
     s3_checkpoints,
     s3_run_config,
+    step_reached,
     through_proxy,
     tiny_synthetic_config,
+    world_sizes,
 )
-from tests.integration.test_faults import s3_proxy as _s3_proxy
-
-s3_proxy = _s3_proxy  # the fault tests' cuttable proxy in front of moto, as a fixture here
+from tests.helpers.runs import only_run
 
 pytestmark = pytest.mark.integration
 
 
 # --- an upload that fails is never the restart point ------------------------------------------
-
-
-@contextlib.contextmanager
-def driver(cluster, config: Path, log_path: Path, **env: str) -> Iterator[subprocess.Popen]:
-    """``python -m pipeline.pretrain`` in the background, its output into ``log_path``; killed
-    if still running at the end."""
-    command = [sys.executable, "-m", "pipeline.pretrain", "--config", str(config)]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, env=cluster.env(**env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 def cut_during_an_upload(s3_endpoint, tmp_path, proxy, log_path: Path, seen: dict) -> None:
@@ -145,43 +125,6 @@ def worker_nodes(cluster) -> dict[str, str]:
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
     )
     return {actor.actor_id: actor.node_id for actor in actors}
-
-
-def node_with(cluster, resource: str) -> str:
-    """The id of the live node that has ``resource``."""
-    from ray.util.state import list_nodes
-
-    nodes = list_nodes(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
-    (node,) = [n.node_id for n in nodes if resource in n.resources_total]
-    return node
-
-
-def step_reached(log_path: Path) -> int:
-    """The last step the driver's output reports (rank 0's progress lines)."""
-    steps = re.findall(r"step (\d+)/\d+ ", log_path.read_text())
-    return int(steps[-1]) if steps else 0
-
-
-def world_sizes(uri: str, experiment: str) -> list[int]:
-    """The run's ``train/world_size`` in the order it was logged, repeats dropped."""
-    client, run = only_run(uri, experiment)
-    history = client.get_metric_history(run.info.run_id, "train/world_size")
-    sizes = [int(m.value) for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
-    return [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
-
-
-def drain(cluster, node_id: str, deadline_s: int) -> None:
-    """``ray drain-node`` as a spot reclaim: a preemption with a deadline."""
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"), "drain-node",
-            "--address", cluster.address, "--node-id", node_id,
-            "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-            "--reason-message", "spot instance reclaimed (test)",
-            "--deadline-remaining-seconds", str(deadline_s),
-        ],
-        env=cluster.env(), check=True, capture_output=True,
-    )  # fmt: skip
 
 
 def test_an_elastic_run_grows_when_a_node_joins_and_a_drain_costs_it_at_most_one_step(

@@ -18,6 +18,7 @@ from pipeline.data import write_shards
 from pipeline.data.sources import shapes
 from pipeline.run.ray_cluster import job_state
 from tests.helpers.cluster import wait_until
+from tests.helpers.faults import alive_train_actors_of
 from tests.helpers.runs import (
     ROOT,
     checked,
@@ -26,7 +27,6 @@ from tests.helpers.runs import (
     run_pretrain,
     small_run_config,
 )
-from tests.integration.test_faults import alive_train_actors_of
 
 pytestmark = pytest.mark.integration
 
