@@ -47,8 +47,17 @@ def alive_train_actors(cluster) -> dict[int, str]:
     return {a.pid: a.class_name for a in actors if "Train" in a.class_name}
 
 
-def alive_train_actors_of(cluster, class_name: str) -> list[int]:
-    return [pid for pid, name in alive_train_actors(cluster).items() if name == class_name]
+def train_workers(cluster) -> dict[str, int]:
+    """``{actor id: pid}`` of the live Ray Train workers of the cluster. A run's own are those
+    not listed before it started: a finished run's workers can still be listed alive for a
+    moment, and after the pid counter wraps a newer worker can have the smaller pid."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=cluster.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return {actor.actor_id: actor.pid for actor in actors}
 
 
 def registered_checkpoints(runs: Path) -> list[str]:
@@ -127,8 +136,10 @@ def node_with(cluster, resource: str) -> str:
     """The id of the live node that has ``resource``."""
     from ray.util.state import list_nodes
 
-    nodes = list_nodes(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
-    (node,) = [n.node_id for n in nodes if resource in n.resources_total]
+    # Filtered here: with a state filter, Ray counts the dead nodes in its total and raises that
+    # the answer was truncated.
+    nodes = list_nodes(address=cluster.dashboard_url)
+    (node,) = [n.node_id for n in nodes if n.state == "ALIVE" and resource in n.resources_total]
     return node
 
 

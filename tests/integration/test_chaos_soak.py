@@ -31,7 +31,6 @@ from tests.helpers.cluster import wait_until
 from tests.helpers.faults import (
     CHECKPOINT_FILES,
     alive_train_actors,
-    alive_train_actors_of,
     checkpoint_files,
     drain,
     metric_by_step,
@@ -39,6 +38,7 @@ from tests.helpers.faults import (
     s3_checkpoints,
     step_reached,
     through_proxy,
+    train_workers,
     world_sizes,
 )
 from tests.helpers.runs import ROOT, max_relative_difference, only_run, small_run_config
@@ -81,8 +81,9 @@ class Driver:
         return step_reached(self.log_path)
 
 
-def workers(cluster) -> list[int]:
-    return alive_train_actors_of(cluster, "RayTrainWorker")
+def workers(cluster, earlier: set) -> list[int]:
+    """The pids of the live training workers not listed in ``earlier`` (the reference run's)."""
+    return [pid for actor, pid in train_workers(cluster).items() if actor not in earlier]
 
 
 def test_chaos_soak(
@@ -126,6 +127,7 @@ def test_chaos_soak(
         assert reference.process.wait(timeout=900) == 0, reference.log_path.read_text()[-3000:]
         reference_s = time.monotonic() - tick
 
+        earlier = set(train_workers(ray_cluster))
         tick = time.monotonic()
         chaos = Driver(
             ray_cluster,
@@ -136,10 +138,10 @@ def test_chaos_soak(
         for index, kind in enumerate(schedule):
             at = (index + 1) * steps // (count + 2)
             assert wait_until(lambda at=at: chaos.step() >= at, timeout=600), kind
-            assert wait_until(lambda: len(workers(ray_cluster)) == 2, timeout=180), kind
+            assert wait_until(lambda: len(workers(ray_cluster, earlier)) == 2, timeout=180), kind
             fault = {"kind": kind, "step": chaos.step(), "time": time.monotonic() - tick}
             if kind == "worker killed":
-                os.kill(max(workers(ray_cluster)), signal.SIGKILL)
+                os.kill(workers(ray_cluster, earlier)[0], signal.SIGKILL)
             elif kind == "S3 cut":
                 s3_proxy.cut()
                 time.sleep(5)
@@ -155,7 +157,7 @@ def test_chaos_soak(
                     drain(ray_cluster, node, 10)
                     time.sleep(10)
                 ray_cluster.remove_node(names[key])
-                shrunk = lambda: len(workers(ray_cluster)) == 1  # noqa: E731
+                shrunk = lambda: len(workers(ray_cluster, earlier)) == 1  # noqa: E731
                 assert wait_until(shrunk, timeout=240, interval=0.5), kind
                 ray_cluster.add_node(num_cpus=2, resources=resources[key])  # capacity comes back
             injected.append(fault)

@@ -27,7 +27,6 @@ from tests.helpers.cluster import wait_until
 from tests.helpers.faults import (
     CHECKPOINT_FILES,
     alive_train_actors,
-    alive_train_actors_of,
     checkpoint_files,
     metric_by_step,
     registered_checkpoints,
@@ -35,6 +34,7 @@ from tests.helpers.faults import (
     s3_run_config,
     through_proxy,
     tiny_synthetic_config,
+    train_workers,
 )
 from tests.helpers.runs import ROOT, checked, only_run, run_pretrain
 
@@ -259,7 +259,7 @@ def kill_workers_mid_upload(s3_endpoint, tmp_path, proxy, seen: dict) -> None:
     # Slower still from here: an upload under way now takes ~15 s per weights file.
     proxy.throttle(10_000)
     if registered and wait_until(half_written, timeout=120, interval=0.05):
-        seen["workers"] = alive_train_actors_of(seen["cluster"], "RayTrainWorker")
+        seen["workers"] = list(train_workers(seen["cluster"]).values())
         for pid in seen["workers"]:
             os.kill(pid, signal.SIGKILL)
     proxy.throttle(None)

@@ -18,7 +18,7 @@ from pipeline.data import write_shards
 from pipeline.data.sources import shapes
 from pipeline.run.ray_cluster import job_state
 from tests.helpers.cluster import wait_until
-from tests.helpers.faults import alive_train_actors_of
+from tests.helpers.faults import train_workers
 from tests.helpers.runs import (
     ROOT,
     checked,
@@ -196,14 +196,15 @@ def test_resumed_run_equals_uninterrupted_run_on_s3(
     assert sorted(steps) == list(range(1, 11))  # one run, every step once
 
 
-def _kill_one_worker_after_first_checkpoint(cluster, runs: Path, killed: list) -> None:
-    """SIGKILL one training worker of this session's cluster (not another cluster's on the
-    machine) once the run has a checkpoint."""
-    wait_until(lambda: list(runs.glob("*/step_*")), timeout=240, interval=0.2)
-    workers = alive_train_actors_of(cluster, "RayTrainWorker")
+def _kill_one_worker_after_first_checkpoint(cluster, runs: Path, earlier: set, killed: list):
+    """SIGKILL one training worker of this run (not one of the ``earlier`` workers, nor another
+    cluster's on the machine) once the run has a checkpoint."""
+    if not wait_until(lambda: list(runs.glob("*/step_*")), timeout=240, interval=0.2):
+        return
+    workers = [pid for actor, pid in train_workers(cluster).items() if actor not in earlier]
     if workers:
-        os.kill(max(workers), signal.SIGKILL)
-        killed.append(max(workers))
+        os.kill(workers[0], signal.SIGKILL)
+        killed.append(workers[0])
 
 
 def test_killed_worker_resumes_from_last_checkpoint_and_finishes(
@@ -221,7 +222,7 @@ def test_killed_worker_resumes_from_last_checkpoint_and_finishes(
     killed: list[str] = []
     watcher = threading.Thread(
         target=_kill_one_worker_after_first_checkpoint,
-        args=(ray_cluster, tmp_path / "runs", killed),
+        args=(ray_cluster, tmp_path / "runs", set(train_workers(ray_cluster)), killed),
     )
     watcher.start()
     output = checked(run_pretrain(ray_cluster, config))
