@@ -17,15 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Two pytest processes side by side, each with its own Ray head and servers (the integration
+# tests mostly wait: Ray start-up, drain deadlines, backoffs). One runs the cluster-fault tests,
+# the other the unit tests and the integration tests that time nothing; its output follows.
+BESIDE := test_auth.py test_bad_input.py test_data_s3.py test_data_sources_s3.py \
+	test_experiments.py test_tracking_server.py
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@# The unit tests run beside the integration tests, which mostly wait (Ray start-up, drain
-	@# deadlines, backoffs); each process has its own Ray head and servers. Unit output follows.
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit > .tests-unit.log 2>&1 & unit=$$!; \
-	$(PY) -m pytest -q -p no:cacheprovider tests/integration; integration=$$?; \
-	wait $$unit; unit_rc=$$?; echo "--- tests/unit ---"; cat .tests-unit.log; \
-	exit $$(( integration || unit_rc ))
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(addprefix tests/integration/,$(BESIDE)) \
+		> .tests-beside.log 2>&1 & beside=$$!; \
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration \
+		$(addprefix --ignore=tests/integration/,$(BESIDE)); faults=$$?; \
+	wait $$beside; beside_rc=$$?; echo "--- tests/unit and the rest of tests/integration ---"; \
+	cat .tests-beside.log; exit $$(( faults || beside_rc ))
 
 demo: setup
 	$(PY) -m pipeline.demo
