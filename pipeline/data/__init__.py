@@ -25,7 +25,7 @@ _WHERE = {
     "read_info": "pipeline.data.info",
     "write_shards": "pipeline.data.writer",
 }
-__all__ = sorted(_WHERE)
+__all__ = ["StorageError", "make_eval_loader", "make_train_loader", "read_info", "write_shards"]
 
 
 def __getattr__(name: str) -> Any:
