@@ -1,9 +1,10 @@
 """Shared pytest set-up: the CPU accelerator for DeepSpeed, the session-wide fixtures, and the
 chaos soak's options (it runs only when asked: ``python -m pipeline.bench chaos``).
 
-``make test`` runs tests/unit and tests/integration as two pytest processes side by side (the
-integration tests mostly wait: for Ray to start a worker group, a drain's deadline, a retry's
-backoff); each process starts its own Ray head and servers where its tests ask for them.
+``make test`` runs two pytest processes side by side (the integration tests mostly wait: for Ray
+to start a worker group, a drain's deadline, a retry's backoff): the cluster-fault tests in one,
+the unit tests and the integration tests that time nothing in the other (the Makefile's
+``BESIDE``); each process starts its own Ray head and servers where its tests ask for them.
 """
 
 import os

@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.nonfinite import NonfiniteStepError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,14 @@ def agreed_notice(local: Any) -> Any:
     return local or Notice(int(flags[1]) or None)
 
 
+def barrier() -> None:
+    """Wait for every rank of the run (nothing to wait for on one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 class StepBoundary:
     """Decides, after each step, whether to checkpoint, stop or hold (see the module doc)."""
 
@@ -150,6 +159,14 @@ class StepBoundary:
         gets there first (it stays the restart point), then the failure goes on."""
         try:
             yield
+        except NonfiniteStepError:
+            # Every rank raises this one at the same step (the all-reduce spreads the flag): the
+            # others wait for rank 0's upload, or Ray Train would stop rank 0 mid-upload as soon
+            # as the first rank failed.
+            with contextlib.suppress(Exception):
+                self.uploads.wait()
+                barrier()
+            raise
         except BaseException:
             with contextlib.suppress(Exception):  # its own failure is Ray Train's to report
                 self.uploads.wait()

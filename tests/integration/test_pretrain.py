@@ -18,7 +18,7 @@ from pipeline.data import write_shards
 from pipeline.data.sources import shapes
 from pipeline.run.ray_cluster import job_state
 from tests.helpers.cluster import wait_until
-from tests.helpers.faults import train_workers
+from tests.helpers.faults import registered_checkpoints, train_workers
 from tests.helpers.runs import (
     ROOT,
     checked,
@@ -198,8 +198,9 @@ def test_resumed_run_equals_uninterrupted_run_on_s3(
 
 def _kill_one_worker_after_first_checkpoint(cluster, runs: Path, earlier: set, killed: list):
     """SIGKILL one training worker of this run (not one of the ``earlier`` workers, nor another
-    cluster's on the machine) once the run has a checkpoint."""
-    if not wait_until(lambda: list(runs.glob("*/step_*")), timeout=240, interval=0.2):
+    cluster's on the machine) once Ray Train registered a checkpoint: a folder that is still
+    being written is not one a restart can pick."""
+    if not wait_until(lambda: registered_checkpoints(runs), timeout=240, interval=0.2):
         return
     workers = [pid for actor, pid in train_workers(cluster).items() if actor not in earlier]
     if workers:
