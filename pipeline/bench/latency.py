@@ -96,10 +96,12 @@ class DelayProxy:
         self._process.join()
 
 
-def _moto(port: int) -> subprocess.Popen:
+def _moto(port: int, nice: int = 0) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:``port``; ``nice`` lowers its CPU priority."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        ["nice", "-n", str(nice), *command] if nice else command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
