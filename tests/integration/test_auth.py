@@ -1,8 +1,8 @@
 """Authentication end to end on 127.0.0.1: the session's Ray head runs Ray's token
 authentication, and an MLflow server runs MLflow's basic-auth app.
 
-A ``ray job submit`` of a short ``pipeline.pretrain`` with the session's token runs; the same
-submission without a token, or with a wrong one, is refused (HTTP 401 and 403) and starts nothing.
+A ``ray job submit`` of a short ``pipeline.pretrain`` without a token, or with a wrong one, is
+refused (HTTP 401 and 403) and starts nothing (with the session's token, test_pretrain's runs).
 The preflight and the scheduler name the fix when the cluster refuses them. A run logs to the
 authenticating MLflow server with the credentials in its environment (the driver hands them on
 to the rank-0 worker), and wrong or missing ones stop a run with exit 2 naming ``tracking.uri``
@@ -30,7 +30,6 @@ from pipeline.run.ray_cluster import (
     auth_headers,
     check_token,
     job_client,
-    job_state,
 )
 from tests.helpers.runs import ROOT
 
@@ -92,7 +91,7 @@ def test_the_session_head_answers_only_with_its_token(ray_cluster):
     check_token(ray_cluster.address)  # the GCS takes this process's token
 
 
-def test_ray_job_submit_runs_pretrain_with_the_token_and_is_refused_without_it(
+def test_ray_job_submit_without_the_token_or_with_a_wrong_one_is_refused_and_starts_nothing(
     ray_cluster, tmp_path
 ):
     config = short_run(tmp_path, "submitted")
@@ -127,15 +126,8 @@ def test_ray_job_submit_runs_pretrain_with_the_token_and_is_refused_without_it(
     refused = {"auth-missing-token", "auth-wrong-token", "auth-raw"}
     assert refused.isdisjoint(job.submission_id for job in client.list_jobs())
     assert not (tmp_path / "submitted-runs").exists() and not (tmp_path / "submitted.db").exists()
-
-    accepted = submit(ray_cluster.env(), "auth-with-token")
-    assert accepted.returncode == 0, (accepted.stdout + accepted.stderr)[-4000:]
-    assert job_state(client.get_job_status("auth-with-token")) == "SUCCEEDED"
-    mlflow = MlflowClient(f"sqlite:///{tmp_path}/submitted.db")
-    experiment = mlflow.get_experiment_by_name(f"submitted-{tmp_path.name}")
-    (finished,) = mlflow.search_runs([experiment.experiment_id])
-    assert finished.info.status == "FINISHED"
-    assert len(mlflow.get_metric_history(finished.info.run_id, "train/loss")) == 2
+    # With the session's token the same submission runs: every `ray job submit` of the suite
+    # (test_pretrain's runs pretrain to the end) goes to this token-authenticated head.
 
 
 def test_preflight_and_scheduler_name_the_token_when_the_cluster_refuses_theirs(

@@ -140,7 +140,8 @@ def test_an_elastic_run_grows_when_a_node_joins_and_a_drain_costs_it_at_most_one
     config = tiny_synthetic_config(
         tmp_path, "elastic", mlflow_server,
         train={"steps": steps, "eval_every": 1000},
-        checkpoint={"every_steps": every, "preemption_check_every": 1},
+        # Every checkpoint kept: the drain's must still be listed at the end.
+        checkpoint={"every_steps": every, "preemption_check_every": 1, "keep": 100},
         scaling={
             "num_workers": [1, 2], "elastic_resize_interval_s": 2, "max_failures": -1,
             "resources_per_worker": {spot: 1},
