@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # tests mostly wait: Ray start-up, drain deadlines, backoffs). One runs the cluster-fault tests,
 # the other the unit tests and the integration tests that time nothing; its output follows.
 BESIDE := test_auth.py test_bad_input.py test_data_s3.py test_data_sources_s3.py test_elastic.py \
-	test_experiments.py test_schedule.py test_tracking_server.py
+	test_experiments.py test_multinode.py test_schedule.py test_tracking_server.py
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
