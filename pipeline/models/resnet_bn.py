@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
 
 from pipeline.models.nfnet import ClassifierHead
 from pipeline.models.variants import Variant
@@ -22,10 +23,6 @@ class BNResNet(nn.Module):
     def __init__(
         self, variant: Variant, num_classes: int = 1000, channels_last: bool = False
     ) -> None:
-        # Imported here: torchvision's import (~1.3 s, it loads torch._dynamo) stays off the
-        # start-up of every driver that only plans a run.
-        from torchvision.models.resnet import BasicBlock, conv1x1
-
         super().__init__()
         self.variant, self.channels_last = variant, channels_last
         stem_width = variant.stem_widths[0]
