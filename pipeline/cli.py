@@ -4,9 +4,13 @@ codes (0 success, 2 bad input naming the key, path or URL, 1 anything else)."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pipeline import logs
 from pipeline.config import EXIT_BAD_INPUT, ConfigError
@@ -61,3 +65,18 @@ def main(
     args = parse_args(argv)
     configure_logging(args)
     return run(lambda: command(args))
+
+
+def finish(code: int | None) -> NoReturn:
+    """End the process with ``code`` as ``sys.exit`` would, without the interpreter's teardown.
+
+    Threads are joined and exit handlers run (MLflow queues, Ray's shutdown, logging) as at any
+    exit; what is skipped is freeing every object of torch, Ray and MLflow one by one, which costs
+    1-2.5 s of a core at the end of each command (``python -c "import pipeline.pretrain"``: 5.1 s,
+    3.9 s with this).
+    """
+    threading._shutdown()  # what a normal exit does first: executors' hooks, non-daemon joins
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code or 0)

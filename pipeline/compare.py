@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 from pipeline.analysis import CompareError, compare_runs
 from pipeline.analysis.reproduce import compare_stores, describe
-from pipeline.cli import add_verbosity, bad_input, configure_logging
+from pipeline.cli import add_verbosity, bad_input, configure_logging, finish
 
 __all__ = ["compare_runs", "main"]
 log = logging.getLogger("pipeline.compare")
@@ -66,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
-from pipeline.cli import add_verbosity, bad_input, configure_logging
+from pipeline.cli import add_verbosity, bad_input, configure_logging, finish
 from pipeline.data.catalog import open_source
 from pipeline.data.index import index_shards
 from pipeline.data.inspect import inspect_shards
@@ -121,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from pipeline.bench.suites import available_suites, run_suites
-from pipeline.cli import add_verbosity, bad_input, configure_logging
+from pipeline.cli import add_verbosity, bad_input, configure_logging, finish
 
 # Run only when named: gpu needs a GPU; e2e trains nfnet_f0 for tens of minutes; upload moves
 # two nfnet_f0 checkpoints (2 x 860 MB) through a local S3 server, minutes on a small machine;
@@ -36,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

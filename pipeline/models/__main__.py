@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from pipeline.cli import add_verbosity, bad_input, configure_logging
+from pipeline.cli import add_verbosity, bad_input, configure_logging, finish
 from pipeline.models.registry import list_models
 from pipeline.models.summary import plot_signal_propagation, summarize
 
@@ -49,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -259,13 +259,16 @@ def test_lineage_tags_of_a_finetune_run() -> None:
         tracking.lineage_tags("teacher")
 
 
-def test_logger_left_open_still_sends_its_queue_when_the_process_exits(uri: str) -> None:
+@pytest.mark.parametrize("end", ["", "from pipeline.cli import finish; finish(0)"])
+def test_logger_left_open_still_sends_its_queue_when_the_process_exits(uri: str, end: str):
+    """At a plain exit, and at the commands' fast one (``cli.finish``)."""
     run_id = tracking.create_run(uri, "unit", None, {}, "{}\n")
     script = (
         "from pipeline.tracking import RunLogger\n"
         f"logger = RunLogger({uri!r}, {run_id!r}, flush_interval=600.0)\n"
         "for step in range(7):\n"
         "    logger.log_metrics({'train/loss': float(step)}, step=step)\n"
+        f"{end}\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
