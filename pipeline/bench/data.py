@@ -39,9 +39,10 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from pipeline.config import load_config
-from pipeline.data import make_train_loader, write_shards
+from pipeline.data.reader import make_train_loader
 from pipeline.data.sources import shapes
 from pipeline.data.transforms import BICUBIC, CROP_AREA, CROP_ASPECT, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.writer import write_shards
 from pipeline.models import get_variant
 
 GOAL = 1.2

@@ -172,8 +172,8 @@ def main(argv: list[str]) -> dict:
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, not {args.pairs}")  # exit code 2
     # deferred (both): the data package loads torch, which the argument checks do not need
-    from pipeline.data import write_shards
     from pipeline.data.sources import shapes  # deferred with the line above
+    from pipeline.data.writer import write_shards
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
         workdir = Path(folder)

@@ -1,18 +1,7 @@
 """Sharded image datasets on object storage: sources, shard writer, streaming loaders, transforms.
 
 ``pipeline.data.streams`` states the determinism and resume contract of the loaders;
-``loader.skipped()`` is how the skip counts of its workers reach the trainer.
+``loader.skipped()`` is how the skip counts of its workers reach the trainer. The package imports
+nothing itself: ``pipeline.data.storage`` (fsspec alone) stays light for processes that only move
+bytes, such as the checkpoint upload's.
 """
-
-from pipeline.data.info import read_info
-from pipeline.data.reader import make_eval_loader, make_train_loader
-from pipeline.data.storage import StorageError
-from pipeline.data.writer import write_shards
-
-__all__ = [
-    "StorageError",
-    "make_eval_loader",
-    "make_train_loader",
-    "read_info",
-    "write_shards",
-]

@@ -33,9 +33,9 @@ from pipeline.config import (
     load_config,
     load_yaml_model,
 )
-from pipeline.data import write_shards
 from pipeline.data.sources import digits, shapes
 from pipeline.data.storage import url_exists
+from pipeline.data.writer import write_shards
 from pipeline.models import count_params
 from pipeline.run import ROOT
 from pipeline.run.launch import launch

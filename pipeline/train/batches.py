@@ -34,9 +34,9 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.data import make_eval_loader, make_train_loader, read_info
-from pipeline.data.info import TRAIN_SPLIT, VALIDATION_SPLIT
+from pipeline.data.info import TRAIN_SPLIT, VALIDATION_SPLIT, read_info
 from pipeline.data.mixing import MixTargets, TrainRecipe
+from pipeline.data.reader import make_eval_loader, make_train_loader
 from pipeline.data.transforms import normalize_batch
 from pipeline.seeds import sample_seed
 from pipeline.train.plan import Plan

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.data.writer import write_shards
 from tests.fixtures.tcp_proxy import TcpProxy
 from tests.helpers.cluster import free_port, wait_until
 

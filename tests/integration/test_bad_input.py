@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import finetune, pretrain, schedule
-from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.data.writer import write_shards
 from tests.helpers.images import tar_bytes, write_info
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from pipeline import shards
-from pipeline.data import StorageError, make_eval_loader, make_train_loader, read_info, write_shards
+from pipeline.data.info import read_info
+from pipeline.data.reader import make_eval_loader, make_train_loader
 from pipeline.data.sources import shapes
-from pipeline.data.storage import find_files, read_bytes
+from pipeline.data.storage import StorageError, find_files, read_bytes
+from pipeline.data.writer import write_shards
 from tests.helpers.cluster import free_port
 from tests.helpers.images import IndexedSource
 

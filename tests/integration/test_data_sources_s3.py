@@ -21,11 +21,12 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import shards
-from pipeline.data import read_info, write_shards
 from pipeline.data.catalog import open_source
 from pipeline.data.decode import _jpeg_layout, decode_rgb
+from pipeline.data.info import read_info
 from pipeline.data.sources import encode_jpeg, shapes
 from pipeline.data.storage import find_files, read_bytes
+from pipeline.data.writer import write_shards
 from tests.helpers.runs import ROOT, checked, only_run, run_pretrain, small_run_config
 
 pytestmark = pytest.mark.integration

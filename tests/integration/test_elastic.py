@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline import pretrain
-from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.data.writer import write_shards
 from tests.helpers.runs import (
     checked,
     max_relative_difference,

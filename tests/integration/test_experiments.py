@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.analysis import compare_runs
-from pipeline.data import write_shards
 from pipeline.data.sources import digits, shapes
+from pipeline.data.writer import write_shards
 from pipeline.run.experiments import load_experiment, run_configs
 from tests.helpers.runs import ROOT
 

@@ -8,8 +8,8 @@ import pytest
 from ray.util.state import list_actors
 from safetensors.torch import load_file
 
-from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.data.writer import write_shards
 from tests.helpers.runs import (
     checked,
     max_relative_difference,

@@ -14,8 +14,8 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 from safetensors.torch import load_file
 
-from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.data.writer import write_shards
 from pipeline.run.ray_cluster import job_state
 from tests.helpers.cluster import wait_until
 from tests.helpers.faults import registered_checkpoints, train_workers

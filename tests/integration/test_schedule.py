@@ -15,8 +15,8 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.analysis import compare_runs
-from pipeline.data import write_shards
 from pipeline.data.sources import digits, shapes
+from pipeline.data.writer import write_shards
 from pipeline.run.ray_cluster import RAY_JOB_ENDED, job_client, job_state
 from tests.helpers.cluster import wait_until
 from tests.helpers.runs import ROOT, checked, run_pretrain, small_run_config

@@ -9,9 +9,10 @@ import pytest
 import webdataset as wds
 
 from pipeline import shards
-from pipeline.data import StorageError, make_eval_loader, read_info
 from pipeline.data.index import count_shard, index_shards
-from pipeline.data.info import expand_pattern
+from pipeline.data.info import expand_pattern, read_info
+from pipeline.data.reader import make_eval_loader
+from pipeline.data.storage import StorageError
 from pipeline.train.batches import describe_dataset
 from tests.helpers.images import jpeg_bytes
 

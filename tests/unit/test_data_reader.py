@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import StorageError, make_eval_loader, make_train_loader, write_shards
+from pipeline.data.reader import make_eval_loader, make_train_loader
+from pipeline.data.storage import StorageError
+from pipeline.data.writer import write_shards
 from tests.helpers.images import (
     IndexedSource,
     jpeg_bytes,

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from pipeline import shards
-from pipeline.data import read_info, write_shards
 from pipeline.data.catalog import open_source
 from pipeline.data.decode import CorruptImage, _jpeg_layout, check_image, decode_rgb
+from pipeline.data.info import read_info
 from pipeline.data.inspect import THUMBNAIL, inspect_shards
 from pipeline.data.sources import encode_jpeg, shapes
-from pipeline.data.writer import WriteConflict
+from pipeline.data.writer import WriteConflict, write_shards
 from tests.helpers.images import IndexedSource, jpeg_bytes, png_bytes
 
 REPO = Path(__file__).resolve().parents[2]

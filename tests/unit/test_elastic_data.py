@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data import write_shards
 from pipeline.data.streams import Layout
+from pipeline.data.writer import write_shards
 from pipeline.run.preflight import check_resume
 from pipeline.train.batches import ShardBatches, describe_dataset, make_batches
 from pipeline.train.plan import check_resumed_plan, make_plan, on_workers

@@ -8,8 +8,8 @@ import yaml
 
 from pipeline import finetune, pretrain
 from pipeline.config import ConfigError, load_config
-from pipeline.data import write_shards
 from pipeline.data.sources import shapes
+from pipeline.data.writer import write_shards
 from pipeline.run.preflight import (
     MLFLOW_SCHEMES,
     check_storage_url,

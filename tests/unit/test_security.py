@@ -404,8 +404,8 @@ def test_dashboard_and_mlflow_server_listen_on_loopback_only(ray_cluster, mlflow
 
 def test_pipe_url_works_once_allowed(tmp_path, monkeypatch):
     """The control: with data.allow_pipe=true the same kind of URL is read through the shell."""
-    from pipeline.data import write_shards
     from pipeline.data.sources import shapes
+    from pipeline.data.writer import write_shards
     from pipeline.run.preflight import prepare
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -14,8 +14,8 @@ from torch import nn
 
 from pipeline import finetune
 from pipeline.config import ConfigError, load_config
-from pipeline.data import write_shards
 from pipeline.data.mixing import MixTargets
+from pipeline.data.writer import write_shards
 from pipeline.optim import ModelEma
 from pipeline.run.references import resolve_reference
 from pipeline.tracking import create_run, register_model
