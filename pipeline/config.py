@@ -154,6 +154,13 @@ class CheckpointSection(Section):
         description="upload in the background while training goes on (a checkpoint counts "
         "once its upload completed); false: the step waits for the upload",
     )
+    upload_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority (nice) of the process that uploads each checkpoint: training "
+        "gets the cores first",
+    )
     preemption_check_every: int = Field(
         10,
         ge=0,

@@ -2,9 +2,10 @@
 
 A checkpoint the size of ``nfnet_f0``'s (weights, momentum, EMA: ~860 MB; the parameters of a
 freshly built model, no forward needed) is staged by the Trainer's own code
-(``pipeline.train.checkpoint.stage``) and stored by Ray Train's own upload
-(``StorageContext.persist_current_checkpoint``, through ``checkpoint.upload_job`` with its
-retries) into moto's S3 server over HTTP on 127.0.0.1, started by the bench. Meanwhile a small
+(``pipeline.train.checkpoint.stage``) and stored as a run stores it (``checkpoint.persist``
+through ``checkpoint.upload_job``: a child process at ``--upload-nice`` copies it, with its
+retries, into the folder of Ray Train's ``StorageContext``) into moto's S3 server over HTTP on
+127.0.0.1, started by the bench. Meanwhile a small
 model (``nfnet_nano``: forward, backward, SGD on one CPU batch) trains, in one run:
 
 - ordinary: steps with no upload, before and after each upload;
@@ -22,6 +23,7 @@ not: read the async figure with the load average.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import socket
 import statistics
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.bench.latency import _moto, _options
+from pipeline.config import CheckpointSection
 from pipeline.models import create_model
 from pipeline.optim import SGD_AGC, ModelEma, param_groups
 from pipeline.run.launch import storage_target
@@ -86,10 +89,11 @@ def steps_for(step: Callable[[], float], seconds: float) -> list[float]:
 class Store:
     """Ray Train's storage of checkpoints under ``s3://BUCKET/runs/bench`` on the moto server."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, upload_nice: int) -> None:
         from ray.train.v2._internal.execution.storage import StorageContext
 
-        options = _options(endpoint)
+        options = self.options = _options(endpoint)
+        self.upload_nice = upload_nice
         s3fs.S3FileSystem(**options).mkdir(BUCKET)
         path, filesystem = storage_target(f"s3://{BUCKET}/runs", options)
         self.url = f"s3://{BUCKET}/runs/bench"
@@ -118,7 +122,12 @@ class Store:
         upload = ckpt.Upload(self.count)
 
         def run() -> float:
-            ckpt.upload_job(upload, lambda: ckpt.persist(self.storage, checkpoint, name, self.url))
+            ckpt.upload_job(
+                upload,
+                lambda: ckpt.persist(
+                    self.storage, checkpoint, name, self.url, self.options, self.upload_nice
+                ),
+            )
             shutil.rmtree(staged, ignore_errors=True)  # as Ray Train does after an upload
             return upload.seconds
 
@@ -126,7 +135,12 @@ class Store:
 
 
 def measure(
-    variant: str, resolution: int, batch: int, window: float, store_nice: int = 0
+    variant: str,
+    resolution: int,
+    batch: int,
+    window: float,
+    store_nice: int = 0,
+    upload_nice: int = CheckpointSection().upload_nice,
 ) -> dict[str, float]:
     """Ordinary, async-upload and sync-upload step times and the checkpoint's costs; with the
     CPU seconds moto's server spent during the async upload (a remote store spends none of
@@ -143,7 +157,7 @@ def measure(
     moto = _moto(port, store_nice)
     figures: dict[str, float] = {}
     try:
-        store = Store(f"http://127.0.0.1:{port}")
+        store = Store(f"http://127.0.0.1:{port}", upload_nice)
         ordinary = steps_for(step, window)
         # async: staged at the step boundary, uploaded by one background thread
         tick = time.perf_counter()
@@ -153,6 +167,7 @@ def measure(
         server = psutil.Process(moto.pid)  # `nice` execs the server: the same process
         before = sum(server.cpu_times()[:2])
         process_before, steps_before = time.process_time(), time.thread_time()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(store.job(staged))
             during = [step()]
@@ -160,8 +175,12 @@ def measure(
                 during.append(step())
             figures["async_upload_s"] = future.result()
         figures["store_cpu_s"] = sum(server.cpu_times()[:2]) - before
-        # The training process's CPU beyond its stepping thread's: the upload's threads
-        # (fsspec's event loop, pyarrow's copy threads).
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the ended upload process
+        figures["upload_process_cpu_s"] = (children.ru_utime + children.ru_stime) - (
+            children_before.ru_utime + children_before.ru_stime
+        )
+        # The training process's CPU beyond its stepping thread's: the upload thread, which
+        # waits for the upload process.
         figures["upload_threads_cpu_s"] = (time.process_time() - process_before) - (
             time.thread_time() - steps_before
         )
@@ -208,11 +227,17 @@ def main(argv: list[str]) -> dict:
         help="run moto's server at this nice level (19: it takes only CPU the steps leave idle, "
         "as a remote store takes none of this machine's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--upload-nice", type=int, default=CheckpointSection().upload_nice,
+        help="checkpoint.upload_nice: the upload process's nice level",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.smoke:
         args.variant, args.resolution, args.batch, args.window = "nfnet_nano", 32, 4, 1.0
     torch.set_num_threads(args.threads)
-    figures = measure(args.variant, args.resolution, args.batch, args.window, args.store_nice)
+    figures = measure(
+        args.variant, args.resolution, args.batch, args.window, args.store_nice, args.upload_nice
+    )
     figures["goal"] = GOAL
     figures["goal_met"] = figures["async_vs_ordinary"] <= GOAL
     size = figures["checkpoint_bytes"] / 1e6
@@ -234,8 +259,9 @@ def main(argv: list[str]) -> dict:
     print(f"  staging (blocks the step): {1e3 * figures['stage_s']:8.1f} ms")
     print(
         f"  moto's server (nice {args.store_nice}) during the async upload: "
-        f"{figures['store_cpu_s']:.1f} CPU-s in {figures['async_upload_s']:.1f} s; the "
-        f"training process's upload threads {figures['upload_threads_cpu_s']:.1f} CPU-s"
+        f"{figures['store_cpu_s']:.1f} CPU-s in {figures['async_upload_s']:.1f} s; the upload "
+        f"process (nice {args.upload_nice}) {figures['upload_process_cpu_s']:.1f} CPU-s, the "
+        f"training process's other threads {figures['upload_threads_cpu_s']:.1f} CPU-s"
     )
     print(
         f"  training time lost to the checkpoint: async {figures['async_lost_s']:.1f} s "

@@ -7,12 +7,13 @@ before anything is written: resuming from it could only produce NaN.
 
 Rank 0 stages each checkpoint into a local folder at the step boundary (``stage``: the tensors
 are written out before training touches them again), then hands it to Ray Train
-(``Uploads.report``), which uploads it — in its background thread under
-``checkpoint.async_upload``, while training goes on — and registers it as the restart point
-only once the upload completed: a crash or a failed upload never makes a half checkpoint the
-one a restart picks. The upload is retried through a storage outage (``persist``); what still
-fails names the checkpoint's URL. The metrics up to the checkpoint's step reach MLflow before
-the upload starts, and the milestone the finetune scheduler watches only after it completed.
+(``Uploads.report``), whose upload thread — in the background under ``checkpoint.async_upload``,
+while training goes on — has a child process at ``checkpoint.upload_nice`` copy it
+(``persist``), and registers it as the restart point only once the upload completed: a crash
+or a failed upload never makes a half checkpoint the one a restart picks. The upload is retried
+through a storage outage; what still fails names the checkpoint's URL. The metrics up to the
+checkpoint's step reach MLflow before the upload starts, and the milestone the finetune
+scheduler watches only after it completed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
-from pipeline.data.storage import StorageError, call_with_retries, read_bytes
+from pipeline.data.storage import StorageError, call_with_retries, is_local, read_bytes
+from pipeline.train.upload import copy_in_child
 
 STATE_FILE = "state.json"
 # The weights files of a checkpoint folder, by which weights they hold (pipeline.tracking
@@ -112,14 +114,10 @@ def stage(model, optimizer, ema, state: dict[str, Any]) -> str:
 
 
 def check_stored(storage, staged: str, name: str) -> None:
-    """Raise ConnectionError (a transient failure: the upload is tried again) unless every file
-    of the ``staged`` folder (flat) is in ``storage`` under ``name`` at its full size.
-
-    Ray Train's upload into an fsspec filesystem (pyarrow's ``copy_files`` through
-    ``FSSpecHandler``, as for S3 with ``storage_options``) can return without an error while a
-    file whose connection was reset mid-way is missing; registered, such a folder would be a
-    half checkpoint chosen by the next restart.
-    """
+    """Raise ConnectionError unless every file of the ``staged`` folder (flat) is in
+    ``storage`` under ``name`` at its full size, as Ray Train's filesystem (the one a restart
+    reads) lists it: registered, a folder short of a file would be a half checkpoint chosen by
+    the next restart."""
     from pyarrow.fs import FileSelector, FileType
 
     path = storage.build_checkpoint_path_from_name(name)
@@ -131,27 +129,30 @@ def check_stored(storage, staged: str, name: str) -> None:
         raise ConnectionError(f"the upload ended with {short} missing or incomplete in storage")
 
 
-def persist(storage, checkpoint, name: str, url: str):
-    """Ray Train's own upload of ``checkpoint`` into ``storage`` (a ``StorageContext``) as
-    ``name``, retried; returns the stored checkpoint.
+def persist(
+    storage, checkpoint, name: str, url: str, storage_options: dict | None = None, nice: int = 0
+):
+    """Store the staged ``checkpoint`` where Ray Train's ``storage`` (a ``StorageContext``)
+    keeps checkpoint ``name``, from a child process at CPU priority ``nice``
+    (``pipeline.train.upload``); returns the stored checkpoint for Ray Train to register.
 
-    Each try already rides out ~10 s of refused connections (botocore's retries); the storage
-    layer's 5 tries with backoff stretch that to about a minute of outage. A failure that is
-    not transient (disk full, read-only, access denied) or outlasts the tries raises a
-    StorageError naming ``url`` and removes the partial folder where it can: Ray Train never
-    registered it, so a restart cannot pick it anyway.
+    Each file is retried through a storage outage (each try already rides out ~10 s of refused
+    connections with botocore's retries; the storage layer's 5 tries with backoff stretch that
+    to about a minute) and checked for its size. A failure that is not transient (disk full,
+    read-only, access denied) or outlasts the tries raises a StorageError naming ``url`` and
+    removes the partial folder where it can: Ray Train never registered it, so a restart cannot
+    pick it anyway.
     """
+    import ray.train
+
     label = f"checkpoint.storage_url {url}"
-
-    def store():
-        stored = storage.persist_current_checkpoint(checkpoint, name)
-        check_stored(storage, checkpoint.path, name)
-        return stored
-
+    path = storage.build_checkpoint_path_from_name(name)
+    # The folder Ray Train lists: a local path, or the bucket path under the URL's protocol.
+    target = path if is_local(url) else f"{url.partition('://')[0]}://{path}"
     try:
-        return call_with_retries(label, store)
+        copy_in_child(checkpoint.path, target, storage_options or {}, nice)
+        call_with_retries(label, lambda: check_stored(storage, checkpoint.path, name))
     except StorageError as exc:
-        path = storage.build_checkpoint_path_from_name(name)
         with contextlib.suppress(Exception):
             storage.storage_filesystem.delete_dir(path)
         raise StorageError(
@@ -159,6 +160,7 @@ def persist(storage, checkpoint, name: str, url: str):
             f"writing the checkpoint failed ({exc.reason}); the previous checkpoint stays "
             "the latest",
         ) from exc
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
 
 
 class Upload:
@@ -220,6 +222,8 @@ class Uploads:
 
     def __init__(self, config, run_id: str | None, logger=None, milestones: bool = True) -> None:
         self.background = config.checkpoint.async_upload
+        self.storage_options = config.checkpoint.storage_options
+        self.nice = config.checkpoint.upload_nice
         self.tracking_uri, self.run_id, self.logger = config.tracking.uri, run_id, logger
         self.milestones = milestones and logger is not None
         self.last: Upload | None = None
@@ -251,9 +255,10 @@ class Uploads:
             milestone = self.milestone(step, url) if self.milestones else None
 
             def store_fn(checkpoint, name: str):
-                store = partial(persist, ray.train.get_context().get_storage(), checkpoint, name)
+                storage = ray.train.get_context().get_storage()
+                store = partial(persist, storage, checkpoint, name, url, self.storage_options)
                 try:
-                    return upload_job(upload, lambda: store(url), self.logger, milestone)
+                    return upload_job(upload, partial(store, self.nice), self.logger, milestone)
                 except BaseException:
                     shutil.rmtree(staged, ignore_errors=True)  # Ray removes it after a success
                     raise
