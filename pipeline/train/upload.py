@@ -12,8 +12,10 @@ the URL.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import pipeline
 from pipeline.data.storage import StorageError, call_with_retries, filesystem, join_url
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Where the child finds this package, whatever the caller's working directory (a Ray worker's).
 _ROOT = str(Path(pipeline.__file__).resolve().parents[1])
 
@@ -47,7 +50,13 @@ def copy_in_child(
 ) -> dict[str, Any]:
     """``copy_folder`` in a child process ``nice`` levels below this one; raise its StorageError
     in this one. Returns the child's report: ``{"nice": the level it ran at}``."""
-    request = {"staged": staged, "url": url, "storage_options": storage_options, "nice": nice}
+    request = {
+        "staged": staged,
+        "url": url,
+        "storage_options": storage_options,
+        "nice": nice,
+        "parent": os.getpid(),
+    }
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])),
@@ -70,9 +79,19 @@ def copy_in_child(
     )
 
 
+def _die_with(parent: int) -> None:
+    """End this process when ``parent`` ends (Linux): a killed worker takes its upload with it,
+    never leaving a copy that nobody waits for writing into the folder its restart writes."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # ended before the line above
+        os._exit(1)
+
+
 def main() -> int:
     """The child: the request from stdin, the copy, its report (or failure) as JSON on stdout."""
     request = json.loads(sys.stdin.read())
+    _die_with(request.pop("parent"))
     level = os.nice(request.pop("nice"))
     try:
         copy_folder(**request)
