@@ -199,8 +199,16 @@ def launch(
     )
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as exc:
         end_run(config.tracking.uri, run_id, status="FAILED")
+        failure = getattr(exc, "controller_failure", None)  # ray.train's ControllerError
+        if isinstance(failure, OSError):
+            # The controller's own writes (its checkpoint records) go to the run's folder; its
+            # error (pyarrow's) names no path.
+            raise RuntimeError(
+                f"checkpoint.storage_url {run_url(config, run_name)}: Ray Train's controller "
+                f"could not write its checkpoint records there: {failure}"
+            ) from exc
         raise
     metrics = dict(result.metrics or {})
     stopped = metrics.get("step", plan.total_steps) < plan.total_steps

@@ -12,6 +12,7 @@ the URL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 import pipeline
 from pipeline.data.storage import StorageError, call_with_retries, filesystem, join_url
@@ -30,9 +33,11 @@ _ROOT = str(Path(pipeline.__file__).resolve().parents[1])
 
 
 def copy_folder(staged: str, url: str, storage_options: dict[str, Any]) -> None:
-    """Copy every file of the flat folder ``staged`` to the folder ``url``, each checked."""
+    """Copy every file of the flat folder ``staged`` to the folder ``url``, each checked; on a
+    failure, remove what was copied (it is never registered) and raise the StorageError."""
     fs, path = filesystem(url, storage_options)
-    call_with_retries(url, lambda: fs.makedirs(path, exist_ok=True))
+    if isinstance(fs, LocalFileSystem):  # object stores have no folders to make
+        call_with_retries(url, lambda: fs.makedirs(path, exist_ok=True))
     for file in sorted(Path(staged).iterdir()):
         target, size = join_url(path, file.name), file.stat().st_size
 
@@ -42,7 +47,12 @@ def copy_folder(staged: str, url: str, storage_options: dict[str, Any]) -> None:
             if fs.size(target) != size:
                 raise ConnectionError(f"{file.name} stored with {fs.size(target)} of {size} bytes")
 
-        call_with_retries(join_url(url, file.name), put)
+        try:
+            call_with_retries(join_url(url, file.name), put)
+        except StorageError:
+            with contextlib.suppress(Exception):  # a full disk fills other writers' way too
+                fs.rm(path, recursive=True)
+            raise
 
 
 def copy_in_child(

@@ -348,18 +348,21 @@ def test_checkpoint_storage_full_or_read_only_fails_naming_the_url(
     assert result.returncode == 1, output[-3000:]
     reason = "No space left on device" if fault == "full" else "Read-only file system"
     # The final error names the place and the reason: our upload's "checkpoint.storage_url
-    # <url>/<run>/step_N: writing the checkpoint failed", or, when the step's files got in just
-    # before the fault, Ray Train's controller failing to write its snapshot there.
+    # <url>/<run>/step_N: writing the checkpoint failed", or, when Ray Train's controller wrote
+    # its records there first (the step's files got in just before the fault, or the disk was
+    # full for the moment our upload took to fail and clear its partial folder), launch's
+    # "checkpoint.storage_url <url>/<run>: Ray Train's controller could not write".
     final_error = output[output.rindex("Traceback") :]
-    assert f"{disk}/runs/pretrain-nfnet_nano-" in final_error and reason in final_error
-    if fault == "full":
-        assert re.search(f"checkpoint.storage_url {storage}/[^ ]+/step_\\d{{9}}: writing", output)
+    assert f"checkpoint.storage_url {storage}/pretrain-nfnet_nano-" in final_error
+    assert reason in final_error
+    ours = re.search(f"checkpoint.storage_url {storage}/[^ ]+/step_\\d{{9}}: writing", final_error)
+    assert ours or "Ray Train's controller could not write its checkpoint records" in final_error
     client, run = only_run(mlflow_server, f"{tmp_path.name}-disk")
     assert run.info.status == "FAILED"
     registered = registered_checkpoints(runs)
     folders = sorted(p.name for p in runs.glob("*/step_*"))
     assert registered and registered[-1] in folders
-    if fault == "full":
+    if fault == "full" and ours:
         assert folders == registered  # the partial folder was removed again
     latest = next(runs.glob(f"*/{registered[-1]}"))
     model = create_model("nfnet_nano", num_classes=4)
