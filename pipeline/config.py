@@ -155,11 +155,7 @@ class CheckpointSection(Section):
         "once its upload completed); false: the step waits for the upload",
     )
     upload_nice: int = Field(
-        10,
-        ge=0,
-        le=19,
-        description="CPU priority (nice) of the process that uploads each checkpoint: training "
-        "gets the cores first",
+        10, ge=0, le=19, description="nice level of the process that uploads each checkpoint"
     )
     preemption_check_every: int = Field(
         10,

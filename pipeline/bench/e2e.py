@@ -299,7 +299,7 @@ def measure(args: argparse.Namespace, setting: Setting, folder: Path) -> dict:
     """The pairs of runs on shards written into ``folder``; the figures."""
     # deferred (all): the data package loads torch and the preflight MLflow (seconds)
     from pipeline.data.sources import shapes  # deferred with the line above
-    from pipeline.data.writer import write_shards
+    from pipeline.data.writer import write_shards  # deferred with the line above
     from pipeline.run.preflight import prepare  # deferred with the line above
 
     shards = folder / "shards"

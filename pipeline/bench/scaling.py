@@ -173,7 +173,7 @@ def main(argv: list[str]) -> dict:
         parser.error(f"--pairs must be at least 1, not {args.pairs}")  # exit code 2
     # deferred (both): the data package loads torch, which the argument checks do not need
     from pipeline.data.sources import shapes  # deferred with the line above
-    from pipeline.data.writer import write_shards
+    from pipeline.data.writer import write_shards  # deferred with the line above
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
         workdir = Path(folder)
