@@ -44,8 +44,9 @@ def copy_folder(staged: str, url: str, storage_options: dict[str, Any]) -> None:
         def put(file: Path = file, target: str = target, size: int = size) -> None:
             fs.put_file(str(file), target)
             fs.invalidate_cache(target)
-            if fs.size(target) != size:
-                raise ConnectionError(f"{file.name} stored with {fs.size(target)} of {size} bytes")
+            stored = fs.size(target)
+            if stored != size:
+                raise ConnectionError(f"{file.name} stored with {stored} of {size} bytes")
 
         try:
             call_with_retries(join_url(url, file.name), put)
